@@ -1,0 +1,70 @@
+"""Command line: `qtsplus build-dataset --out DIR [--preset smoke] [--set key=value ...]`.
+
+Runs the Prefect flow in this process. With no Prefect server configured (PREFECT_API_URL unset), Prefect runs
+against a temporary local API on SQLite (under PREFECT_HOME), so nothing needs to be started first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+# Prefect reads its settings at import: keep the embedded server quiet and offline unless told otherwise.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtsplus", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build-dataset", help="captions -> VSCQ1 -> VSCQ2 -> QTS-VQA Parquet shards")
+    b.add_argument("--out", required=True, help="dataset folder")
+    b.add_argument("--preset", default="smoke", help="smoke | single-gpu | paper-3b | paper-7b (default: smoke)")
+    b.add_argument("--input", help="caption file (JSONL or Parquet); default: the preset's")
+    b.add_argument("--video-root", help="folder the video paths are relative to; default: the preset's")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting by dotted key, e.g. --set teacher.video.fps=0.5 (repeatable)")
+    b.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _print_summary(summary: object) -> None:
+    print(f"\ndataset: {summary.out}")  # type: ignore[attr-defined]
+    print(f"{'stage':<9} {'read':>7} {'rejected':>9}  rows per split  [tasks]")
+    for stage, rows in summary.rows.items():  # type: ignore[attr-defined]
+        states = Counter(summary.states.get(stage, {}).values())  # type: ignore[attr-defined]
+        splits = ", ".join(f"{k}={v}" for k, v in rows.items()) or "-"
+        tasks = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        print(f"{stage:<9} {summary.read[stage]:>7} {summary.rejected[stage]:>9}  {splits}  [{tasks}]")  # type: ignore[attr-defined]
+    print(f"card: {summary.out}/README.md")  # type: ignore[attr-defined]
+
+
+def build_dataset_main(args: argparse.Namespace) -> int:
+    from qtsplus.config import BuildConfig, apply_overrides
+
+    config = BuildConfig.preset(args.preset, out=args.out, input=args.input, video_root=args.video_root)
+    config = apply_overrides(config, args.overrides)
+    if args.show_config:
+        print(config.model_dump_json(indent=2))
+        return 0
+    if args.no_progress:
+        os.environ["QTSPLUS_NO_PROGRESS"] = "1"
+    from flows.build_dataset import build_dataset
+
+    summary = build_dataset(config=config, progress=not args.no_progress)
+    _print_summary(summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "build-dataset":
+        return build_dataset_main(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
