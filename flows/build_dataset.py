@@ -1,7 +1,5 @@
 """Flow `build-dataset`: captions -> VSCQ1 -> VSCQ2 -> QTS-VQA Parquet shards (paper Sec. 4.1, Fig. 3)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from prefect import flow

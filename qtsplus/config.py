@@ -80,7 +80,7 @@ def _paper(teacher_model: str) -> dict:
         "ingest": IngestConfig(chunk_size=1000, eval_fraction=0.005),
         "vscq1": Vscq1Config(
             engine=EngineConfig(model_id="Qwen/Qwen3-235B-A22B-Instruct-2507", backend="vllm", batch_size=256,
-                                max_model_len=8192),
+                                max_model_len=8192, tensor_parallel_size=8),
             n_questions=3,
         ),
         "teacher": TeacherConfig(

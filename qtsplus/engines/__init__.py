@@ -33,6 +33,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_model_len: int = 32768
     gpu_memory_utilization: float = 0.85  # vllm only
+    tensor_parallel_size: int = 1  # vllm only: GPUs one model is sharded over
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class VllmEngine(Engine):
             dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
             max_model_len=cfg.max_model_len,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
             seed=0,
             # choose() reads the logprobs of the option tokens after the allowed-token mask, i.e. already
             # renormalised over the options ("raw_logprobs", the default, is the full-vocabulary distribution,
