@@ -1,0 +1,329 @@
+"""QTSplus on Qwen2.5-VL: vision tower -> QTSplusSelector -> kept tokens spliced at the video placeholder -> LM.
+
+A thin subclass of transformers' `Qwen2_5_VLForConditionalGeneration`: only the prefill of a sequence that carries
+video pixels takes a new path; everything else (text, images, KV-cache decoding, selection switched off) is the base
+model's own forward.
+
+The prefill path, per batch:
+1. 3-D rotary position ids (t, h, w) of the FULL sequence, from the base model's `get_rope_index` (time-aligned with
+   `second_per_grid_ts`).
+2. Video features from the base vision tower: one [M_v, d] block per video, in placeholder order.
+3. The selector scores each video against its sample's question (the LM's token embeddings of the question tokens,
+   `question_mask`), keeps n_v tokens in temporal order and re-encodes them with their absolute time.
+4. The pruned video placeholders are removed from the sequence together with their position ids: kept video tokens
+   and all text keep the position ids they had in the full sequence (gaps stay where tokens were dropped). The
+   shortened sequences are left-padded to a common length; the text row of the position ids (used only for masks) is
+   renumbered 0..S'-1. `rope_deltas` = max position + 1 - kept length, so that decoding continues at the position
+   the unpruned prompt would have continued from.
+5. The LM runs on the shortened sequence; `labels` are shortened the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import initialization as init
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from qtsplus.selector.config import SelectorConfig
+from qtsplus.selector.selector import QTSplusSelector, SelectorOutput
+
+# transformers' own renaming for Qwen2_5_VLForConditionalGeneration checkpoints (a no-op on already-new keys)
+QWEN2_5_VL_CHECKPOINT_KEYS = {
+    r"^visual": "model.visual",
+    r"^model(?!\.(language_model|visual))": "model.language_model",
+}
+
+
+@strict
+class QTSplusConfig(Qwen2_5_VLConfig):
+    """Qwen2.5-VL's config plus the selector's (a `SelectorConfig` as a dict; None -> defaults shaped like the LM)."""
+
+    model_type = "qtsplus_qwen2_5_vl"
+    selector_config: dict | None = None
+
+
+@dataclass
+class QTSplusOutput(CausalLMOutputWithPast):
+    """`loss` = lm_loss + budget_loss when both exist. `attention_mask` / `position_ids` describe the pruned sequence
+    the LM actually saw (prefill only): generation continues from them."""
+
+    lm_loss: Tensor | None = None
+    budget_loss: Tensor | None = None
+    selection: SelectorOutput | None = None
+    attention_mask: Tensor | None = None  # [B, S'] of the pruned, left-padded sequence
+    position_ids: Tensor | None = None  # [4, B, S']: text row, then the kept tokens' original (t, h, w)
+    labels: Tensor | None = None  # [B, S'] labels of the pruned sequence
+
+
+class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    config_class = QTSplusConfig
+    config: QTSplusConfig
+
+    def __init__(self, config: QTSplusConfig) -> None:
+        super().__init__(config)
+        self.selector_config = SelectorConfig.from_text_config(
+            config.text_config, **(config.selector_config or {})
+        )
+        config.selector_config = self.selector_config.to_dict()
+        self.selector = QTSplusSelector(self.selector_config)
+        self.selection = True  # False: skip the selector, keep every video token (exactly the base model)
+        self.post_init()  # initialises only the selector: everything else is already marked initialised
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        # transformers visits only modules that own tensors, children first: the selector (it owns rho_bar) comes after
+        # its Linears, and, in from_pretrained of a base checkpoint, after the LM weights are loaded
+        if isinstance(module, QTSplusSelector):
+            init.constant_(module.rho_bar, module.config.rho_bar_init)
+            init.zeros_(module.reencoder.time.proj.weight)
+            if module.config.init_from_lm:
+                module.init_from_decoder_layers(self.model.language_model.layers, copy_=init.copy_)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> QTSplusForConditionalGeneration:
+        """transformers' from_pretrained; also reads base Qwen2.5-VL checkpoints, whose keys use the older layout
+        (`model.layers.*`, `visual.*`): transformers renames those by class name, which ours is not."""
+        kwargs.setdefault("key_mapping", QWEN2_5_VL_CHECKPOINT_KEYS)
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_qwen(
+        cls, base: Qwen2_5_VLForConditionalGeneration, **selector_config
+    ) -> QTSplusForConditionalGeneration:
+        """Wrap an in-memory Qwen2.5-VL: copy its weights, build the selector (from its decoder layers if they fit)."""
+        base_config = {k: v for k, v in base.config.to_dict().items() if k != "model_type"}
+        model = cls(QTSplusConfig.from_dict({**base_config, "selector_config": selector_config}))
+        model.to(device=base.device, dtype=base.dtype)
+        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("selector.") for k in missing), (missing, unexpected)
+        if model.selector_config.init_from_lm:
+            model.selector.init_from_decoder_layers(model.model.language_model.layers)
+        return model
+
+    def freeze_base(self, train_lm: bool = False) -> None:
+        """QTSplus-3B: only the selector trains. QTSplus-3B-FT (train_lm=True): selector + LM. Vision tower frozen."""
+        self.model.visual.requires_grad_(False)
+        self.model.language_model.requires_grad_(train_lm)
+        self.lm_head.requires_grad_(train_lm)
+        self.selector.requires_grad_(True)
+
+    def mm_token_type_ids(self, input_ids: Tensor) -> Tensor:
+        """Qwen2.5-VL's token types: 0 text, 1 image, 2 video."""
+        image = input_ids == self.config.image_token_id
+        video = input_ids == self.config.video_token_id
+        return image.int() + 2 * video.int()
+
+    def default_question_mask(
+        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None
+    ) -> Tensor:
+        """The question = the text after the sample's last vision token, minus padding and supervised (answer) tokens.
+
+        Pass `question_mask` to `forward` when the question sits elsewhere, or when running without a KV cache on a
+        sequence that already holds generated tokens.
+        """
+        cfg = self.config
+        vision = torch.isin(
+            input_ids,
+            torch.tensor(
+                [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id],
+                device=input_ids.device,
+            ),
+        )
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_vision = torch.where(vision, pos, -1).amax(-1)  # [B]
+        mask = (pos > last_vision[:, None]) & attention_mask.bool()
+        if labels is not None:
+            mask &= labels == -100
+        return mask
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: Tensor | None = None,
+        pixel_values_videos: Tensor | None = None,
+        image_grid_thw: Tensor | None = None,
+        video_grid_thw: Tensor | None = None,
+        mm_token_type_ids: Tensor | None = None,
+        second_per_grid_ts: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+        question_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> QTSplusOutput | CausalLMOutputWithPast:
+        """Base Qwen2.5-VL forward, plus `question_mask` [B, S] (bool: the question tokens that score the video;
+        default `default_question_mask`) and `generator` (the training gate's random draws)."""
+        if mm_token_type_ids is None and input_ids is not None:  # the base model needs them for 3-D positions
+            mm_token_type_ids = self.mm_token_type_ids(input_ids)
+        if not self.selection or pixel_values_videos is None:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                pixel_values=pixel_values,
+                pixel_values_videos=pixel_values_videos,
+                image_grid_thw=image_grid_thw,
+                video_grid_thw=video_grid_thw,
+                mm_token_type_ids=mm_token_type_ids,
+                second_per_grid_ts=second_per_grid_ts,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        assert input_ids is not None and inputs_embeds is None, "selection needs input_ids (video, question)"
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        if position_ids is None:
+            position_ids, _ = self.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids,
+                image_grid_thw,
+                video_grid_thw,
+                second_per_grid_ts,
+                attention_mask,
+            )
+        # [3, B, S]: (t, h, w) of the full sequence (generate() passes a text row first: dropped, renumbered below)
+        position_ids = position_ids[-3:]
+
+        text_embeds = self.model.get_input_embeddings()(input_ids)  # [B, S, d]
+        inputs_embeds = text_embeds
+        if pixel_values is not None:  # images are never pruned
+            image_embeds = self.model.get_image_features(pixel_values, image_grid_thw).pooler_output
+            image_embeds = torch.cat(image_embeds).to(inputs_embeds.dtype)
+            image_mask, _ = self.model.get_placeholder_mask(
+                input_ids, inputs_embeds, image_features=image_embeds
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+
+        # one selector row per video (videos fill the placeholders in (batch, sequence) order); V x [M_v, d]
+        videos = self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
+        is_video = input_ids == self.config.video_token_id  # [B, S]
+        owner, slots, slot_mask = video_slots(is_video, [v.shape[0] for v in videos])  # [V], [V, M], [V, M]
+        x = pad_sequence([v.to(text_embeds.dtype) for v in videos], batch_first=True)  # [V, M, d]
+        times = self.token_times(video_grid_thw, second_per_grid_ts, x.shape[1])  # [V, M] seconds
+        if question_mask is None:
+            question_mask = self.default_question_mask(input_ids, attention_mask, labels)
+        q, q_mask = gather_rows(text_embeds[owner], question_mask.bool()[owner])  # [V, L, d], [V, L]
+
+        sel = self.selector(x, q, times, slot_mask, q_mask, generator=generator)
+
+        # splice: each kept video token replaces its own placeholder; pruned placeholders leave the sequence
+        kept_rows = owner[:, None].expand_as(sel.indices)[sel.token_mask]  # [K]
+        kept_cols = slots.gather(1, sel.indices)[sel.token_mask]  # [K]
+        kept_tokens = sel.tokens[sel.token_mask].to(inputs_embeds.dtype)  # [K, d]
+        inputs_embeds = inputs_embeds.index_put((kept_rows, kept_cols), kept_tokens)
+        keep = attention_mask.bool() & ~is_video
+        keep[kept_rows, kept_cols] = True
+
+        # left-pad the shortened sequences; every kept token keeps its original (t, h, w) position id
+        src, new_mask = left_padded_order(keep)  # [B, S'], [B, S']
+        inputs_embeds = inputs_embeds.gather(1, src[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+        mrope = position_ids.gather(2, src[None].expand(3, -1, -1)).masked_fill(~new_mask, 0)  # [3, B, S']
+        text_row = (new_mask.cumsum(-1) - 1).masked_fill(~new_mask, 0)  # [B, S'], only used for masks
+        position_ids = torch.cat([text_row[None], mrope])  # [4, B, S']
+        if labels is not None:
+            labels = labels.gather(1, src).masked_fill(~new_mask, -100)
+        self.model.rope_deltas = (mrope.amax(dim=(0, 2)) + 1 - new_mask.sum(-1))[:, None]  # [B, 1]
+
+        outputs = self.model.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=new_mask.long(),
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep_slice])
+
+        lm_loss = None
+        if labels is not None:
+            vocab_size = self.config.text_config.vocab_size
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        losses = [t for t in (lm_loss, sel.loss) if t is not None]
+        return QTSplusOutput(
+            loss=sum(losses) if losses else None,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            lm_loss=lm_loss,
+            budget_loss=sel.loss,
+            selection=sel,
+            attention_mask=new_mask.long(),
+            position_ids=position_ids,
+            labels=labels,
+        )
+
+    def token_times(self, video_grid_thw: Tensor, second_per_grid_ts: Tensor | None, width: int) -> Tensor:
+        """[V, width]: each video token's time in seconds = its temporal patch index * seconds per temporal patch.
+
+        The vision tower emits tokens frame-group by frame-group (t-major, then merged h, w rows), so token j of video
+        v sits in temporal patch j // (h w / merge^2), which starts at that many times `second_per_grid_ts[v]`
+        seconds after the first sampled frame. Padding columns get harmless times.
+        """
+        merge = self.config.vision_config.spatial_merge_size
+        per_step = video_grid_thw[:, 1] * video_grid_thw[:, 2] // merge**2  # [V] tokens per temporal patch
+        if second_per_grid_ts is None:
+            second_per_grid_ts = torch.ones(video_grid_thw.shape[0])
+        seconds = torch.as_tensor(second_per_grid_ts, dtype=torch.float32, device=video_grid_thw.device)
+        j = torch.arange(width, device=video_grid_thw.device)
+        return (j[None] // per_step[:, None]).float() * seconds[:, None]
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1
+    ):
+        # after a pruned prefill the KV cache holds the kept tokens only: decode on from their mask and position ids
+        if getattr(outputs, "position_ids", None) is not None and model_kwargs.get("use_cache", True):
+            model_kwargs["attention_mask"] = outputs.attention_mask
+            model_kwargs["position_ids"] = outputs.position_ids
+        return super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder, num_new_tokens
+        )
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # generate() needs token types for 3-D positions; derive them from the ids when the caller did not pass them
+        if model_kwargs.get("mm_token_type_ids") is None and not inputs_tensor.is_floating_point():
+            model_kwargs["mm_token_type_ids"] = self.mm_token_type_ids(inputs_tensor)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+
+def video_slots(is_video: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Placeholders [B, S] and tokens per video -> owning sample [V], sequence positions [V, M] and their mask."""
+    rows, cols = is_video.nonzero(as_tuple=True)  # (batch, sequence) order = the order of the video features
+    assert sum(sizes) == rows.numel(), f"{rows.numel()} video placeholders for {sum(sizes)} video tokens"
+    owner = torch.stack([r[0] for r in rows.split(sizes)])
+    slots = pad_sequence(list(cols.split(sizes)), batch_first=True)
+    lengths = torch.tensor(sizes, device=slots.device)
+    mask = torch.arange(slots.shape[1], device=slots.device) < lengths[:, None]
+    return owner, slots, mask
+
+
+def gather_rows(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """values [V, S, d], mask [V, S] -> the masked positions of each row, packed and right-padded: [V, L, d], [V, L]."""
+    length = mask.sum(-1)
+    assert (length > 0).all(), "every sample with a video needs at least one question token"
+    packed = pad_sequence(list(values[mask].split(length.tolist())), batch_first=True)
+    return packed, torch.arange(packed.shape[1], device=mask.device) < length[:, None]
+
+
+def left_padded_order(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """keep [B, S] -> for each output slot its source position [B, S'] (kept positions in order, left-padded) and
+    the output attention mask [B, S'], S' = most kept in a row."""
+    count = keep.sum(-1)
+    width = int(count.max())
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)  # kept positions first, ascending
+    j = torch.arange(width, device=keep.device) - (width - count)[:, None]  # < 0 on the left padding
+    return order.gather(1, j.clamp_min(0)), j >= 0

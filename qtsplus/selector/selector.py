@@ -1,0 +1,487 @@
+"""QTSplus: query-aware visual-token selection with an adaptive budget (paper Sec. 3.2, Alg. 1 and Alg. 2).
+
+Top-down: `QTSplusSelector` (Alg. 1) -> `CrossAttentionScorer` (alpha, r) -> `BudgetHead` (rho, n) -> the gates
+(`find_threshold` = Alg. 2, `training_gate`, `topn_mask`) -> `ReEncoder` (`TimeEmbedding` + `Block`s).
+
+Shapes: B videos; M visual tokens per video (padded to the longest, `x_mask` marks real ones); L question tokens
+(`q_mask`); d hidden size; h query heads and h_kv key/value heads of size d_h = d / h, g = h / h_kv; N kept tokens
+(padded to the most kept in the batch, `token_mask`).
+
+The gate does not compare the raw relevance r (which is ~1/M) with tau_s but the scale-free score
+s = log(M r) = max_{h,l} (logit_{h,l,i} - log mean_j exp(logit_{h,l,j})): how many nats token i's attention logit
+sits above the log-mean-exp of its row. Its distribution does not drift with M, so tau_s (in nats) means the same
+thing at M = 2k and at M = 200k. See docs/selector.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtsplus.selector.config import SelectorConfig
+from qtsplus.selector.losses import budget_loss, update_rho_bar
+
+
+@dataclass
+class SelectorOutput:
+    tokens: Tensor  # [B, N, d] kept tokens after re-encoding, in their original (temporal) order
+    token_mask: Tensor  # [B, N] bool, True for real kept tokens
+    indices: Tensor  # [B, N] long, position of each kept token in X, strictly ascending (0 at padding)
+    scores: Tensor  # [B, M] float32, relevance r = max_{h,l} alpha in [0, 1] (0 at padding)
+    rho: Tensor  # [B] float32, predicted retention fraction (differentiable)
+    budget: Tensor  # [B] long, n = max(1, min(ceil(rho M), n_max)): the inference top-n size
+    num_tokens: Tensor  # [B] long, M per video
+    # training only: p = sigmoid((s - t) / tau_s) [B, M], which sums to min(rho M, n_max)
+    keep_prob: Tensor | None = None
+    threshold: Tensor | None = None  # [B] training only: t of Alg. 2, on the scale of s = log(M r)
+    loss: Tensor | None = None  # scalar, training only: the lambda_t, lambda_m, lambda_s terms of Eq. 5
+
+    @property
+    def num_kept(self) -> Tensor:  # [B]
+        return self.token_mask.sum(-1)
+
+    def diagnostics(self) -> list[dict]:
+        """Per video: M, rho, n, how many were kept, the kept indices and r (the paper logs (r, rho, n))."""
+        out = []
+        for b in range(self.rho.shape[0]):
+            m, kept = int(self.num_tokens[b]), self.token_mask[b]
+            out.append(
+                dict(
+                    num_tokens=m,
+                    rho=float(self.rho[b]),
+                    budget=int(self.budget[b]),
+                    kept=int(kept.sum()),
+                    indices=self.indices[b][kept].cpu(),
+                    scores=self.scores[b, :m].detach().cpu(),
+                )
+            )
+        return out
+
+
+class QTSplusSelector(nn.Module):
+    """Alg. 1: score X against Q, predict the budget, gate, re-encode the kept tokens with their absolute time."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.scorer = CrossAttentionScorer(config)
+        self.budget_head = BudgetHead(config)
+        self.reencoder = ReEncoder(config)
+        # prior mean of Eq. 5: an EMA of the batch-mean rho, a buffer so that it is checkpointed and rank-consistent
+        self.register_buffer("rho_bar", torch.tensor(config.rho_bar_init, dtype=torch.float32))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # no time signal at init: an LM-initialised re-encoder starts undisturbed
+        if isinstance(module, TimeEmbedding):
+            nn.init.zeros_(module.proj.weight)
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> QTSplusSelector:
+        # .to(bfloat16) must not round rho_bar: an EMA stored in bf16 stalls once its steps fall below half an ulp
+        rho_bar = self.rho_bar.float()
+        super()._apply(fn, recurse)
+        self.rho_bar = rho_bar.to(self.rho_bar.device)
+        return self
+
+    def forward(
+        self,
+        x: Tensor,
+        q: Tensor,
+        times: Tensor,
+        x_mask: Tensor | None = None,
+        q_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SelectorOutput:
+        """x: [B, M, d] visual tokens; q: [B, L, d] question embeddings; times: [B, M] seconds of each visual token."""
+        cfg = self.config
+        B, M, _ = x.shape
+        x_mask = x.new_ones(B, M, dtype=torch.bool) if x_mask is None else x_mask.bool()
+        q_mask = q.new_ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask.bool()
+        num_tokens = x_mask.sum(-1)  # [B]
+
+        # cross-attention scoring: log r = max_{h,l} log alpha, alpha softmax-normalised over M
+        log_r = self.scorer(x, x_mask, q, q_mask)  # [B, M] float32, -inf at padding
+        r = log_r.exp()  # [B, M] in [0, 1]
+
+        # adaptive budget
+        rho = self.budget_head(q, q_mask, r, num_tokens)  # [B]
+        budget = budget_size(rho, num_tokens, cfg.n_max)  # [B]
+
+        # gate on the scale-free score s = log(M r)
+        s = log_r + num_tokens.float().log()[:, None]  # [B, M]
+        keep_prob = threshold = gate = loss = None
+        if self.training:
+            expected = (rho * num_tokens).clamp(max=cfg.n_max)  # E[#kept] = rho M, below the cap
+            keep, gate, keep_prob, threshold = training_gate(
+                s, x_mask, expected, cfg.tau_s, cfg.n_max, generator, cfg.newton_max_iters, cfg.newton_rel_tol
+            )
+        else:
+            keep = topn_mask(s, budget)
+        indices, token_mask = compact(keep)  # [B, N], [B, N]
+
+        z = x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1]))  # [B, N, d]
+        if gate is not None:  # straight-through: the values are 1, the gradient is d keep_prob
+            z = z * gate.gather(1, indices)[..., None].to(z.dtype)
+        z = self.reencoder(z, times.gather(1, indices), token_mask)  # [B, N, d]
+
+        if self.training:
+            loss = budget_loss(
+                rho, num_tokens, cfg.n_max, self.rho_bar, cfg.lambda_t, cfg.lambda_m, cfg.lambda_s
+            )
+            update_rho_bar(self.rho_bar, rho, cfg.rho_bar_momentum)
+        return SelectorOutput(
+            tokens=z,
+            token_mask=token_mask,
+            indices=indices,
+            scores=r.masked_fill(~x_mask, 0.0),
+            rho=rho,
+            budget=budget,
+            num_tokens=num_tokens,
+            keep_prob=keep_prob,
+            threshold=threshold,
+            loss=loss,
+        )
+
+    @torch.no_grad()
+    def init_from_decoder_layers(
+        self, layers: Sequence[nn.Module], copy_: Callable[[Tensor, Tensor], Tensor] = Tensor.copy_
+    ) -> list[str]:
+        """Copy Qwen2-layout decoder layers into the scorer and the re-encoder wherever all shapes match.
+
+        Scorer block i and re-encoder block i take LM layer i; the scoring head takes layer scoring_depth - 1 (its
+        q_proj/k_proj, and input_layernorm for both its norms). Returns what was copied, e.g. "reencoder.blocks.0 <- 0".
+        """
+        targets = [(f"scorer.blocks.{i}", block, i) for i, block in enumerate(self.scorer.blocks)]
+        targets.append(("scorer.head", self.scorer.head, len(self.scorer.blocks)))
+        targets += [(f"reencoder.blocks.{i}", block, i) for i, block in enumerate(self.reencoder.blocks)]
+        copied = []
+        for name, module, i in targets:
+            if i >= len(layers):
+                continue
+            ours = dict(module.named_parameters())
+            theirs = dict(layers[i].named_parameters())
+            pairs = [(p, theirs.get(_lm_name(n))) for n, p in ours.items()]
+            if all(src is not None and src.shape == dst.shape for dst, src in pairs):
+                for dst, src in pairs:
+                    copy_(dst, src)
+                copied.append(f"{name} <- {i}")
+        return copied
+
+
+# names of our modules in a Qwen2 decoder layer (Qwen2_5_VLDecoderLayer)
+_LM_MODULE = {
+    "input_norm": "input_layernorm",
+    "context_norm": "input_layernorm",
+    "q_norm": "input_layernorm",
+    "x_norm": "input_layernorm",
+    "post_norm": "post_attention_layernorm",
+    "attn": "self_attn",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "mlp": "mlp",
+}
+
+
+def _lm_name(name: str) -> str:
+    head, _, rest = name.partition(".")
+    return f"{_LM_MODULE[head]}.{rest}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scoring
+
+
+class CrossAttentionScorer(nn.Module):
+    """alpha in [0,1]^{h x L x M}, softmax over M; returns log r = log max_{h,l} alpha. No rotary on either side."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config, cross=True) for _ in range(config.scoring_depth - 1))
+        self.head = ScoringHead(config)
+
+    def forward(self, x: Tensor, x_mask: Tensor, q: Tensor, q_mask: Tensor) -> Tensor:
+        for block in self.blocks:  # deeper scorers first let the question read the video
+            q = block(q, x_mask, context=x)  # [B, L, d]
+        return self.head(x, x_mask, q, q_mask)  # [B, M]
+
+
+class ScoringHead(nn.Module):
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, h, h_kv, d_h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.x_norm = RMSNorm(d, config.rms_norm_eps)
+        self.q_proj = nn.Linear(d, h * d_h, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, h_kv * d_h, bias=config.attention_bias)
+
+    def forward(self, x: Tensor, x_mask: Tensor, q: Tensor, q_mask: Tensor) -> Tensor:
+        B, M, _ = x.shape
+        L = q.shape[1]
+        h_kv, d_h = self.config.num_kv_heads, self.config.head_dim
+        g = self.config.num_heads // h_kv
+        # query head j uses K/V head j // g (Qwen's repeat_kv order); group the g*L query rows of each K/V head
+        qh = self.q_proj(self.q_norm(q)).view(B, L, h_kv, g, d_h)
+        qh = qh.permute(0, 2, 3, 1, 4).reshape(B, h_kv, g * L, d_h)  # [B, h_kv, g L, d_h]
+        kh = self.k_proj(self.x_norm(x)).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
+        logits = (qh @ kh.transpose(-1, -2)).float() * d_h**-0.5  # [B, h_kv, g L, M]
+        log_alpha = logits.masked_fill(~x_mask[:, None, None, :], -math.inf).log_softmax(-1)  # softmax over M
+        rows = q_mask[:, None, None, :].expand(B, 1, g, L).reshape(B, 1, g * L, 1)
+        log_alpha = log_alpha.masked_fill(~rows, -math.inf)  # padded question tokens never win the max
+        return log_alpha.amax(dim=(1, 2))  # [B, M]: max over heads and question tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# budget
+
+
+class BudgetHead(nn.Module):
+    """rho = rho_min + (rho_max - rho_min) sigmoid(MLP([s_q, log M, max_i r_i, H(p)])), p = r / (sum r + eps)."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.rho_min, self.rho_max = config.rho_min, config.rho_max
+        hidden = config.budget_hidden
+        self.mlp = nn.Sequential(
+            nn.Linear(config.hidden_size + 3, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, q: Tensor, q_mask: Tensor, r: Tensor, num_tokens: Tensor) -> Tensor:
+        w = q_mask[..., None].to(q.dtype)
+        s_q = (q * w).sum(1).float() / w.sum(1).float()  # [B, d] mean question embedding
+        p = r / (r.sum(-1, keepdim=True) + 1e-8)  # [B, M], 0 at padding
+        # H(p); the clamp keeps 0 log 0 = 0 with a finite gradient
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1, keepdim=True)  # [B, 1]
+        log_m = num_tokens.float().log()[:, None]  # [B, 1]
+        features = torch.cat([s_q, log_m, r.amax(-1, keepdim=True), entropy], dim=-1)  # [B, d + 3]
+        logit = self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1).float()  # [B]
+        return self.rho_min + (self.rho_max - self.rho_min) * torch.sigmoid(logit)
+
+
+def budget_size(rho: Tensor, num_tokens: Tensor, n_max: int) -> Tensor:
+    """n = max(1, min(ceil(rho M), n_max)). The 1e-4 keeps float noise (0.05 * 2000 = 100.0000015) from adding one."""
+    n = torch.ceil(rho.detach().double() * num_tokens - 1e-4).long()
+    return n.clamp(max=n_max).clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gates
+
+
+def find_threshold(
+    s: Tensor, mask: Tensor, k: Tensor, tau: float, max_iters: int = 50, rel_tol: float = 1e-5
+) -> Tensor:
+    """Alg. 2: t with sum_i sigmoid((s_i - t) / tau) = k, per row. s: [B, M], mask: [B, M], k: [B] -> t: [B].
+
+    Newton from the median (the paper's update), safeguarded: each row keeps a bracket [lo, hi] around the root, and a
+    Newton step that leaves it (or divides by a vanishing derivative) is replaced by bisection, so the solve converges
+    for any scores, and it runs until |residual| <= rel_tol * k rather than a fixed 4-6 steps. The solve itself runs
+    in float64 without a graph; the gradient is that of the converged iteration, i.e. the implicit-function theorem:
+    dt = (du) / g with u = sum_i sigmoid(.) - k and g = -du/dt, so t is differentiable in k (hence in rho) and in s.
+    """
+    t_star = _solve_threshold(s.detach().double(), mask, k.detach().double(), tau, max_iters, rel_tol).to(
+        s.dtype
+    )
+    sig = torch.sigmoid((s.masked_fill(~mask, 0.0) - t_star[:, None]) / tau) * mask
+    u = sig.sum(-1) - k  # ~0 at t_star
+    g = ((sig * (1 - sig)).sum(-1) / tau).detach().clamp_min(1e-30)
+    return t_star + (u - u.detach()) / g  # value t_star, gradient du / g
+
+
+@torch.no_grad()
+def _solve_threshold(
+    s: Tensor, mask: Tensor, k: Tensor, tau: float, max_iters: int, rel_tol: float
+) -> Tensor:
+    t = s.masked_fill(~mask, math.nan).nanmedian(-1).values  # [B]
+    m = mask.to(s.dtype)
+    s = s.masked_fill(~mask, 0.0)
+    # at lo every real token has sigmoid >= 1 - e^-30 / M, at hi <= e^-30 / M: the root lies inside for 0 < k < M
+    margin = tau * (m.sum(-1).log() + 30.0)
+    lo = s.masked_fill(~mask, math.inf).amin(-1) - margin
+    hi = s.masked_fill(~mask, -math.inf).amax(-1) + margin
+    for _ in range(max_iters):
+        sig = torch.sigmoid((s - t[:, None]) / tau) * m
+        u = sig.sum(-1) - k  # decreasing in t
+        if bool((u.abs() <= rel_tol * k).all()):
+            break
+        lo = torch.where(u > 0, t, lo)
+        hi = torch.where(u < 0, t, hi)
+        g = (sig * (1 - sig)).sum(-1) / tau  # -du/dt
+        t_newton = t + u / g
+        inside = (t_newton > lo) & (t_newton < hi)  # False for inf / nan as well
+        t = torch.where(inside, t_newton, (lo + hi) / 2)
+    return t
+
+
+def training_gate(
+    s: Tensor,
+    mask: Tensor,
+    expected: Tensor,
+    tau: float,
+    n_max: int,
+    generator: torch.Generator | None = None,
+    max_iters: int = 50,
+    rel_tol: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Differentiable keep/drop (Sec. 3.2.3). s: [B, M] scores, expected: [B] target kept count (rho M, capped).
+
+    Each token is kept with probability p_i = sigmoid((s_i - t) / tau), t from Alg. 2, so E[#kept] = expected. The
+    hard sample is a Bernoulli(p_i) draw: the same law as the paper's hard Gumbel-softmax over logits
+    [(s_i - t) / tau, 0], but written so that tau visibly divides. At least one token is kept (the most relevant),
+    at most n_max (the least relevant of the drawn ones go first). Returns keep [B, M] bool, the straight-through
+    gate [B, M] (value keep, gradient dp), p [B, M] and t [B].
+    """
+    t = find_threshold(s, mask, expected, tau, max_iters, rel_tol)
+    p = torch.sigmoid((s.masked_fill(~mask, 0.0) - t[:, None]) / tau) * mask
+    u = torch.rand(s.shape, generator=generator, device=s.device, dtype=torch.float32)
+    keep = (u < p.detach()) & mask
+
+    empty = ~keep.any(-1)
+    keep = keep | (F.one_hot(s.argmax(-1), s.shape[-1]).bool() & empty[:, None])
+    if bool((keep.sum(-1) > n_max).any()):
+        top = s.masked_fill(~keep, -math.inf).topk(n_max, dim=-1).indices
+        keep = keep & torch.zeros_like(keep).scatter_(-1, top, True)
+
+    gate = keep.to(p.dtype) + p - p.detach()
+    return keep, gate, p, t
+
+
+def topn_mask(s: Tensor, budget: Tensor) -> Tensor:
+    """Inference gate: the top-n tokens of each row by s (n = budget[b]). s: [B, M] (-inf at padding) -> [B, M] bool."""
+    top = s.topk(int(budget.max()), dim=-1).indices  # [B, n]
+    take = torch.arange(top.shape[-1], device=s.device) < budget[:, None]
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, take)
+
+
+def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, M] bool -> kept indices [B, N] in ascending (temporal) order and their mask [B, N]; N = max kept."""
+    count = keep.sum(-1)
+    n = int(count.max())
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[
+        :, :n
+    ]  # kept first, each group ascending
+    token_mask = torch.arange(n, device=keep.device) < count[:, None]
+    return order.masked_fill(~token_mask, 0), token_mask
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# re-encoding
+
+
+class ReEncoder(nn.Module):
+    """Adds each kept token's absolute time, then `reencoder_depth` pre-norm self-attention blocks over the kept set."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.time = TimeEmbedding(config)
+        self.blocks = nn.ModuleList(Block(config, cross=False) for _ in range(config.reencoder_depth))
+
+    def forward(self, z: Tensor, times: Tensor, mask: Tensor) -> Tensor:
+        z = z + self.time(times)  # [B, N, d]
+        for block in self.blocks:
+            z = block(z, mask)
+        return z
+
+
+class TimeEmbedding(nn.Module):
+    """t (seconds) -> W [sin(2 pi t / P_k), cos(2 pi t / P_k)]_k, periods P_k geometric in [min, max]; W zero-init."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.proj = nn.Linear(config.time_dim, config.hidden_size, bias=False)
+
+    def forward(self, t: Tensor) -> Tensor:
+        cfg = self.config
+        half = cfg.time_dim // 2
+        frac = torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1)
+        periods = cfg.time_min_period * (cfg.time_max_period / cfg.time_min_period) ** frac  # [time_dim / 2]
+        angles = 2 * math.pi * t.float()[..., None] / periods  # [B, N, time_dim / 2]
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [B, N, time_dim]
+        return self.proj(features.to(self.proj.weight.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Qwen2.5-style layers (no rotary)
+
+
+class Block(nn.Module):
+    """Pre-norm block in the Qwen2.5 decoder-layer layout: h += Attn(RMSNorm(h), ctx); h += SwiGLU(RMSNorm(h)).
+
+    cross=False: self-attention over h (bidirectional, keys masked by `mask`); cross=True: keys/values from
+    RMSNorm(context), masked by `mask`.
+    """
+
+    def __init__(self, config: SelectorConfig, cross: bool) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.context_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if cross else None
+        self.attn = Attention(config)
+        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: Tensor, mask: Tensor, context: Tensor | None = None) -> Tensor:
+        hn = self.input_norm(h)
+        kv = hn if self.context_norm is None else self.context_norm(context)
+        h = h + self.attn(hn, kv, mask)
+        return h + self.mlp(self.post_norm(h))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with Qwen2.5's q/k/v/o projections and no rotary. x: [B, L, d], kv: [B, M, d]."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, h, h_kv, d_h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(d, h * d_h, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, h_kv * d_h, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, h_kv * d_h, bias=config.attention_bias)
+        self.o_proj = nn.Linear(h * d_h, d, bias=False)
+
+    def forward(self, x: Tensor, kv: Tensor, kv_mask: Tensor) -> Tensor:
+        B, L, _ = x.shape
+        M = kv.shape[1]
+        h, h_kv, d_h = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
+        q = self.q_proj(x).view(B, L, h, d_h).transpose(1, 2)  # [B, h, L, d_h]
+        k = self.k_proj(kv).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
+        v = self.v_proj(kv).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, h * d_h))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm: normalise in float32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
