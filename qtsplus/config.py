@@ -71,6 +71,8 @@ def apply_overrides(config: BuildConfig, assignments: list[str]) -> BuildConfig:
             node = node[part]
         if parts[-1] not in node:
             raise ValueError(f"override {key!r}: no such setting")
+        if value is None and isinstance(node[parts[-1]], str):
+            value = raw  # "null" for a string setting is the word, not JSON null (e.g. backend=null)
         node[parts[-1]] = value
     return BuildConfig.model_validate(data)
 

@@ -26,7 +26,7 @@ NO_PROGRESS_ENV = "QTSPLUS_NO_PROGRESS"
 class EngineConfig:
     model_id: str  # hub id, local path, or "tiny/qwen3" / "tiny/qwen2.5-vl" (built offline, random weights)
     revision: str | None = None
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: Literal["transformers", "vllm", "null"] = "transformers"  # null: no model, synthetic outputs (dry runs)
     dtype: str = "auto"  # auto -> bf16 on GPU, fp32 on CPU
     device: str = "auto"
     batch_size: int = 8
@@ -106,7 +106,11 @@ def load_engine(cfg: EngineConfig) -> Engine:
         from qtsplus.engines.vllm_engine import VllmEngine
 
         return VllmEngine(cfg)
-    raise ValueError(f"unknown engine backend {cfg.backend!r}; expected 'transformers' or 'vllm'")
+    if cfg.backend == "null":
+        from qtsplus.engines.null_engine import NullEngine
+
+        return NullEngine(cfg)
+    raise ValueError(f"unknown engine backend {cfg.backend!r}; expected 'transformers', 'vllm' or 'null'")
 
 
 _ENGINES: dict[EngineConfig, Engine] = {}

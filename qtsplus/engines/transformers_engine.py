@@ -59,7 +59,10 @@ class _Encoded:
 class TransformersEngine(Engine):
     def __init__(self, cfg: EngineConfig):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        if os.environ.get(NO_PROGRESS_ENV) == "1":
+            hf_logging.disable_progress_bar()
         self.cfg = cfg
         self.model_id = cfg.model_id
         path, revision = resolve_model(cfg.model_id, cfg.revision)
