@@ -6,7 +6,7 @@ peak RSS. Per-record overhead is the marginal cost between sizes: (wall(N2) - wa
 costs (imports, the temporary Prefect server) do not count. It covers ingest, prompt building, validation, video
 decoding for the teacher stages, Parquet writing and Prefect task overhead.
 
-    python benchmarks/pipeline_overhead.py --sizes 10000 100000
+    python -m benchmarks.pipeline_overhead --sizes 10000 100000
 """
 
 from __future__ import annotations

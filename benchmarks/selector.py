@@ -9,8 +9,8 @@ process's peak RSS during the first forward. The reference is one LM prefill ove
 Qwen2_5_VLDecoderLayer at the 3B shapes (SDPA, causal), timed and multiplied by the 36 layers (embedding, final norm
 and LM head are left out, which flatters the selector's share a little).
 
-    python benchmarks/selector.py                              # M in {2k, 20k, 180k}
-    python benchmarks/selector.py --sizes 2000 20000 --device cpu --repeats 2
+    python -m benchmarks.selector                              # M in {2k, 20k, 180k}
+    python -m benchmarks.selector --sizes 2000 20000 --device cpu --repeats 2
 """
 
 from __future__ import annotations
@@ -63,11 +63,11 @@ def main() -> None:
 
     print_header(args)
     for m in args.sizes:
-        cmd = [sys.executable, __file__, "--worker", str(m)] + [
+        cmd = [sys.executable, "-m", "benchmarks.selector", "--worker", str(m)] + [
             f"--device={args.device}", f"--dtype={args.dtype}", f"--rho={args.rho}", f"--repeats={args.repeats}",
             f"--scoring-depth={args.scoring_depth}", f"--reencoder-depth={args.reencoder_depth}",
         ]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
         print_row(json.loads(out.strip().splitlines()[-1]))
 
 

@@ -1,4 +1,4 @@
-"""Command line: `qtsplus build-dataset --out DIR [--preset smoke] [--set key=value ...]`.
+"""Command line: `qtsplus build-dataset | train-selector ...` (see `qtsplus COMMAND --help`).
 
 Runs the Prefect flow in this process. With no Prefect server configured (PREFECT_API_URL unset), Prefect runs
 against a temporary local API on SQLite (under PREFECT_HOME), so nothing needs to be started first.
@@ -28,6 +28,15 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="override a setting by dotted key, e.g. --set teacher.video.fps=0.5 (repeatable)")
     b.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    t = sub.add_parser("train-selector", help="DeepSpeed training of QTSplus on a built dataset")
+    t.add_argument("--data", required=True, help="dataset folder written by build-dataset")
+    t.add_argument("--out", required=True, help="run folder (checkpoints, final/, metrics.jsonl, curves.png)")
+    t.add_argument("--preset", default="smoke", help="smoke | qtsplus-3b | qtsplus-3b-ft (default: smoke)")
+    t.add_argument("--variant", choices=["selector", "selector+lm"], help="default: the preset's")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting by dotted key, e.g. --set max_steps=100 (repeatable)")
+    t.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
 
 
@@ -59,10 +68,29 @@ def build_dataset_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_selector_main(args: argparse.Namespace) -> int:
+    from qtsplus.config import apply_overrides
+    from qtsplus.training.config import TrainConfig
+
+    config = TrainConfig.preset(args.preset, data=args.data, out=args.out, variant=args.variant)
+    config = apply_overrides(config, args.overrides)
+    if args.show_config:
+        print(config.model_dump_json(indent=2))
+        return 0
+    from flows.train_selector import train_selector
+
+    result = train_selector(config=config)
+    print(f"\ncheckpoint: {result.final}\nsteps: {result.steps}, final loss {result.final_loss:.4f}, "
+          f"restarts {result.restarts}\ncurves: {result.out}/curves.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "build-dataset":
         return build_dataset_main(args)
+    if args.command == "train-selector":
+        return train_selector_main(args)
     raise AssertionError(args.command)
 
 

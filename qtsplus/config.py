@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -18,6 +18,7 @@ from qtsplus.stages.teacher import TeacherConfig
 from qtsplus.stages.vscq1 import Vscq1Config
 from qtsplus.video import SamplingConfig
 
+M = TypeVar("M", bound=BaseModel)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
 
@@ -52,7 +53,7 @@ def _plain(obj: Any) -> Any:
     raise TypeError(type(obj))
 
 
-def apply_overrides(config: BuildConfig, assignments: list[str]) -> BuildConfig:
+def apply_overrides(config: M, assignments: list[str]) -> M:
     """Set dotted keys from `key=value` strings; values parse as JSON when they can, else stay strings."""
     data = config.model_dump(mode="json")
     for item in assignments:
@@ -74,7 +75,7 @@ def apply_overrides(config: BuildConfig, assignments: list[str]) -> BuildConfig:
         if value is None and isinstance(node[parts[-1]], str):
             value = raw  # "null" for a string setting is the word, not JSON null (e.g. backend=null)
         node[parts[-1]] = value
-    return BuildConfig.model_validate(data)
+    return type(config).model_validate(data)
 
 
 def _paper(teacher_model: str) -> dict:

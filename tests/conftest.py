@@ -79,3 +79,13 @@ def write_bad_corpus(root: Path) -> tuple[Path, Path, dict[str, str]]:
         "huge": "caption_too_long", "injection": "suspected_prompt_injection",
     }
     return path, videos, expected
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str]) -> tuple[Path, dict[str, str], Path]:
+    """One uninterrupted smoke build (the README's main command, minus the install): (dataset, env, load log)."""
+    out = tmp_path_factory.mktemp("smoke") / "ds"
+    log = out.parent / "loads.log"
+    env = prefect_env | {"QTSPLUS_ENGINE_LOAD_LOG": str(log)}
+    run_cli(["build-dataset", "--out", str(out), "--preset", "smoke"], env)
+    return out, env, log

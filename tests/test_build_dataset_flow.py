@@ -39,16 +39,6 @@ def loads(log: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str]) -> tuple[Path, dict[str, str], Path]:
-    """One uninterrupted smoke run (the README's main command, minus the install)."""
-    out = tmp_path_factory.mktemp("smoke") / "ds"
-    log = out.parent / "loads.log"
-    env = prefect_env | {"QTSPLUS_ENGINE_LOAD_LOG": str(log)}
-    run_cli(["build-dataset", "--out", str(out), "--preset", "smoke"], env)
-    return out, env, log
-
-
 def test_smoke_writes_every_stage_loadable_with_declared_features(smoke) -> None:
     out, _, log = smoke
     assert loads(log) == 3  # one model load per model stage run: vscq1, vscq2, vqa

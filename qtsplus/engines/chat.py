@@ -32,6 +32,34 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     )
 
 
+def encode_prompt(tokenizer, prompt: Prompt, video_token_id: int | None, vision_config=None):
+    """(token ids, QwenVideoInputs or None) of a rendered chat with the assistant turn opened.
+
+    A video's single <|video_pad|> is expanded to one id per merged video patch; `vision_config` (a Qwen2.5-VL
+    vision config) gives the patch sizes. Shared by the transformers engine and the training collator, so a model
+    is trained on exactly the token layout it is served with.
+    """
+    ids = tokenizer.encode(render_prompt(tokenizer, prompt), add_special_tokens=False)
+    if prompt.video is None:
+        if video_token_id is not None and video_token_id in ids:
+            raise ValueError(f"prompt text contains {VIDEO_PAD} but no video was given")
+        return ids, None
+    if video_token_id is None or vision_config is None:
+        raise ValueError("this model is not a video model; it cannot take Prompt.video")
+    if ids.count(video_token_id) != 1:
+        raise ValueError(f"prompt text must not contain {VIDEO_PAD}: the video is placed by the encoder")
+    from qtsplus.video import qwen_video_inputs
+
+    video = qwen_video_inputs(
+        prompt.video,
+        patch_size=vision_config.patch_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+        merge_size=vision_config.spatial_merge_size,
+    )
+    at = ids.index(video_token_id)
+    return ids[:at] + [video_token_id] * video.num_video_tokens + ids[at + 1 :], video
+
+
 def request_seed(params_seed: int, prompt_seed: int) -> int:
     """A 63-bit seed for one request, a stable function of the run's seed and the prompt's seed (not of batching)."""
     digest = hashlib.sha256(f"qtsplus/{params_seed}/{prompt_seed}".encode()).digest()

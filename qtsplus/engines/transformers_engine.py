@@ -28,7 +28,7 @@ from qtsplus.engines import (
     Prompt,
     record_load,
 )
-from qtsplus.engines.chat import VIDEO_PAD, option_token_ids, render_prompt, request_seed
+from qtsplus.engines.chat import encode_prompt, option_token_ids, request_seed
 from qtsplus.engines.json_budget import max_json_tokens
 from qtsplus.tiny import TINY_MODEL_IDS, resolve_model
 
@@ -71,10 +71,15 @@ class TransformersEngine(Engine):
             trust_remote_code=cfg.trust_remote_code,
         )
         self.device = _device(cfg.device)
+        from qtsplus.selector.model import register_auto_classes
+
+        register_auto_classes()
         config = AutoConfig.from_pretrained(path, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        self.is_video_model = config.model_type == "qwen2_5_vl"
-        if self.is_video_model:
+        self.is_video_model = config.model_type in ("qwen2_5_vl", "qtsplus_qwen2_5_vl")
+        if config.model_type == "qtsplus_qwen2_5_vl":  # a trained QTSplus checkpoint: selector between tower and LM
+            from qtsplus.selector.model import QTSplusForConditionalGeneration as model_class
+        elif self.is_video_model:
             from transformers import Qwen2_5_VLForConditionalGeneration as model_class
         else:
             model_class = AutoModelForCausalLM
@@ -173,34 +178,16 @@ class TransformersEngine(Engine):
 
     def _encode(self, prompt: Prompt) -> _Encoded:
         """Token ids of the rendered chat; a video's single <|video_pad|> is expanded to one id per video token."""
-        ids = self.tokenizer.encode(render_prompt(self.tokenizer, prompt), add_special_tokens=False)
-        if len(ids) >= self.cfg.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens does not fit max_model_len={self.cfg.max_model_len}"
-            )
-        if prompt.video is None:
-            if self.is_video_model and self.video_token_id in ids:
-                raise ValueError(f"prompt text contains {VIDEO_PAD} but no video was given")
-            return _Encoded(ids)
-        if not self.is_video_model:
+        if prompt.video is not None and not self.is_video_model:
             raise ValueError(f"{self.model_id} is not a video model; it cannot take Prompt.video")
-        if ids.count(self.video_token_id) != 1:
-            raise ValueError(f"prompt text must not contain {VIDEO_PAD}: the engine places the video itself")
-        from qtsplus.video import qwen_video_inputs
-
-        vision = self.model.config.vision_config
-        video = qwen_video_inputs(
-            prompt.video,
-            patch_size=vision.patch_size,
-            temporal_patch_size=vision.temporal_patch_size,
-            merge_size=vision.spatial_merge_size,
+        ids, video = encode_prompt(
+            self.tokenizer,
+            prompt,
+            self.video_token_id if self.is_video_model else None,
+            self.model.config.vision_config if self.is_video_model else None,
         )
-        at = ids.index(self.video_token_id)
-        ids = ids[:at] + [self.video_token_id] * video.num_video_tokens + ids[at + 1 :]
         if len(ids) >= self.cfg.max_model_len:
-            raise ValueError(
-                f"prompt with video is {len(ids)} tokens; max_model_len={self.cfg.max_model_len}"
-            )
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len={self.cfg.max_model_len}")
         return _Encoded(ids, video)
 
     def _batches(self, encoded: list[_Encoded], desc: str) -> Iterator[list[int]]:

@@ -327,3 +327,15 @@ def left_padded_order(keep: Tensor) -> tuple[Tensor, Tensor]:
     order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)  # kept positions first, ascending
     j = torch.arange(width, device=keep.device) - (width - count)[:, None]  # < 0 on the left padding
     return order.gather(1, j.clamp_min(0)), j >= 0
+
+
+def register_auto_classes() -> None:
+    """Let AutoConfig / AutoModelForImageTextToText load QTSplus checkpoints (idempotent)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        AutoConfig.register(QTSplusConfig.model_type, QTSplusConfig)
+        AutoModelForImageTextToText.register(QTSplusConfig, QTSplusForConditionalGeneration)
+    except ValueError as err:  # transformers raises ValueError when the type is already registered
+        if "already used" not in str(err):
+            raise

@@ -1,0 +1,106 @@
+"""Configuration of a train-selector run: one typed model, with presets (paper Sec. 3.3, 4.2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from qtsplus.config import REPO_ROOT
+from qtsplus.video import SamplingConfig
+
+Variant = Literal["selector", "selector+lm"]
+
+
+class LoraSettings(BaseModel):
+    """Optional LoRA adapters on the LM's attention and MLP projections (needs `pip install -e .[lora]`)."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LauncherSettings(BaseModel):
+    """How the deepspeed launcher starts the ranks (one node by default)."""
+
+    num_gpus: int | None = Field(None, description="ranks on this node; None = all visible accelerators (1 on CPU)")
+    num_nodes: int = 1
+    hostfile: str | None = None
+    master_port: int | None = Field(None, description="None = a free port")
+    max_restarts: int = Field(2, ge=0, description="relaunches after a crash; each resumes from the newest checkpoint")
+
+
+class TrainConfig(BaseModel):
+    """Everything a train-selector run depends on."""
+
+    data: str = Field(description="dataset folder written by build-dataset")
+    out: str = Field(description="run folder: checkpoints/, final/, metrics.jsonl, curves.png")
+    video_root: str | None = Field(None, description="default: the video root recorded in the dataset's manifest")
+    base_model: str = Field("tiny/qwen2.5-vl", description="Qwen2.5-VL checkpoint (hub id, path or tiny/...)")
+    base_revision: str | None = None
+    variant: Variant = "selector"
+    lora: LoraSettings | None = None
+    selector: dict[str, Any] = Field(default_factory=dict, description="SelectorConfig overrides (rho_min, tau_s, ...)")
+    video: SamplingConfig = SamplingConfig(fps=1.0, max_frames=40, max_pixels=360 * 420)
+
+    mcq_weight: int = Field(1, ge=0, description="MCQ examples (VSCQ2 kept) per round of the mix")
+    vqa_weight: int = Field(1, ge=0, description="VQA examples (QTS-VQA) per round of the mix")
+    shuffle_buffer: int = Field(256, ge=1, description="examples held for the streaming shuffle")
+    overfit_batches: int = Field(0, ge=0, description="> 0: cycle over the first N batches (debugging, tests)")
+
+    max_steps: int = Field(1000, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    deepspeed_config: str = "infra/deepspeed/zero1.json"
+    launcher: LauncherSettings = LauncherSettings()
+
+    @classmethod
+    def preset(cls, name: str, **fields: Any) -> TrainConfig:
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(TRAIN_PRESETS))}")
+        data = json.loads(json.dumps(TRAIN_PRESETS[name]))
+        data.update({k: v for k, v in fields.items() if v is not None})
+        return cls.model_validate(data)
+
+    def deepspeed_config_path(self) -> Path:
+        path = Path(self.deepspeed_config)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # Tiny random-weight model on the smoke dataset: mechanics only.
+    "smoke": {
+        "base_model": "tiny/qwen2.5-vl",
+        "selector": {"n_max": 64, "rho_min": 0.2, "rho_max": 0.8},
+        "video": {"fps": 1.0, "min_frames": 2, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
+        "shuffle_buffer": 16,
+    },
+    # QTSplus-3B (selector only) and -3B-FT (selector + LM), paper Sec. 4.2 and the public training script.
+    "qtsplus-3b": {
+        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "variant": "selector",
+        "selector": {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 2560,
+                     "lambda_t": 0.1, "lambda_m": 0.17, "lambda_s": 0.05},
+        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-4, "warmup_steps": 500,
+        "checkpoint_every": 500,
+    },
+    "qtsplus-3b-ft": {
+        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "variant": "selector+lm",
+        "selector": {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 2560,
+                     "lambda_t": 0.1, "lambda_m": 0.17, "lambda_s": 0.05},
+        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 500,
+        "checkpoint_every": 500, "deepspeed_config": "infra/deepspeed/zero2.json",
+    },
+}

@@ -1,0 +1,105 @@
+"""Start a training run with the deepspeed launcher (so multi-GPU and multi-node work unchanged), restart it after a
+crash (each restart resumes from the newest checkpoint), and summarise what it produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from qtsplus.fingerprint import file_sha256
+from qtsplus.shards import write_text_atomic
+from qtsplus.training.config import TrainConfig
+from qtsplus.training.loop import METRICS, newest_checkpoint
+
+
+class TrainingFailed(RuntimeError):
+    """The run kept failing after its restarts."""
+
+
+class TrainResult(BaseModel):
+    """What a finished run left behind (small: what the Prefect task caches)."""
+
+    out: str
+    final: str
+    steps: int
+    final_loss: float
+    weights_sha256: str
+    restarts: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_command(cfg: TrainConfig, config_path: Path) -> list[str]:
+    """`deepspeed [...] --module qtsplus.training.loop --config ...` (the launcher run as a module of this Python)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    ls = cfg.launcher
+    if ls.num_gpus is not None:
+        cmd += ["--num_gpus", str(ls.num_gpus)]
+    elif not _cuda_available():
+        cmd += ["--num_gpus", "1"]
+    if ls.num_nodes != 1:
+        cmd += ["--num_nodes", str(ls.num_nodes)]
+    if ls.hostfile:
+        cmd += ["--hostfile", ls.hostfile]
+    cmd += ["--master_port", str(ls.master_port or free_port())]
+    return cmd + ["--module", "qtsplus.training.loop", "--config", str(config_path)]
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if not _cuda_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: real DeepSpeed without a GPU
+    return env
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_training(cfg: TrainConfig, log: Path | None = None) -> TrainResult:
+    """Run (or finish) the training described by `cfg` in `cfg.out`; restart after crashes; return its summary."""
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    config_path = write_text_atomic(run / "train-config.json", cfg.model_dump_json(indent=2) + "\n")
+    log = log or run / "train.log"
+    restarts = 0
+    while True:
+        before = newest_checkpoint(run)
+        with open(log, "a") as handle:
+            code = subprocess.run(launcher_command(cfg, config_path), env=launch_env(), stdout=handle,
+                                  stderr=subprocess.STDOUT).returncode
+        if code == 0:
+            break
+        progressed = newest_checkpoint(run) != before
+        if not progressed or restarts >= cfg.launcher.max_restarts:  # no progress: a restart would fail the same way
+            tail = log.read_text()[-4000:]
+            raise TrainingFailed(f"training failed (exit {code}, {restarts} restarts, checkpoint "
+                                 f"{'advanced' if progressed else 'did not advance'}); last output:\n{tail}")
+        restarts += 1
+        print(f"training exited with {code}; restart {restarts} resumes from step {newest_checkpoint(run)}")
+    final = run / "final"
+    steps = [m for m in read_metrics(run) if "step" in m]
+    weights = sorted(final.glob("*.safetensors"))
+    if not steps or not weights:
+        raise TrainingFailed(f"{run}: the run ended without metrics or a final checkpoint")
+    return TrainResult(out=str(run), final=str(final), steps=steps[-1]["step"], final_loss=steps[-1]["loss"],
+                       weights_sha256=file_sha256(weights[0]), restarts=restarts)

@@ -1,0 +1,73 @@
+"""The model a training run optimises: QTSplus on a Qwen2.5-VL base, frozen per variant, optional LoRA on the LM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtsplus.selector.model import QTSplusForConditionalGeneration, register_auto_classes
+from qtsplus.tiny import TINY_MODEL_IDS, resolve_model
+from qtsplus.training.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig) -> tuple[QTSplusForConditionalGeneration, object]:
+    """(model, tokenizer). Variant `selector`: vision tower and LM frozen. `selector+lm`: the LM trains too (all of
+    it, or only LoRA adapters when `cfg.lora` is set). The vision tower is always frozen (paper Sec. 4.2)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if cfg.lora is not None and cfg.variant != "selector+lm":
+        raise ValueError("LoRA trains the LM: use variant 'selector+lm' with lora")
+    register_auto_classes()
+    path, revision = resolve_model(cfg.base_model, cfg.base_revision)
+    kwargs = {"revision": None if cfg.base_model in TINY_MODEL_IDS else revision}
+    base_config = AutoConfig.from_pretrained(path, **kwargs)
+    selector_config = dict(getattr(base_config, "selector_config", None) or {}) | cfg.selector  # continue or start
+    model = QTSplusForConditionalGeneration.from_pretrained(
+        path, selector_config=selector_config, dtype=torch.float32, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model.freeze_base(train_lm=cfg.variant == "selector+lm" and cfg.lora is None)
+    if cfg.lora is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=cfg.lora.target_modules)
+        inject_adapter_in_model(lora, model.model.language_model)
+        for name, param in model.model.language_model.named_parameters():
+            param.requires_grad_("lora_" in name)
+    model.train()
+    return model, tokenizer
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and put the plain layer back; returns how many were merged."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, child in list(module.named_modules()):
+        if isinstance(child, LoraLayer):
+            child.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attr, child.get_base_layer())
+            merged += 1
+    return merged
+
+
+def export_final(model: QTSplusForConditionalGeneration, tokenizer, cfg: TrainConfig, dest: Path) -> Path:
+    """Write a `from_pretrained`-loadable QTSplus checkpoint (weights, config, tokenizer, training record)."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora is not None:
+        merge_lora(model.model.language_model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "qtsplus_training.json").write_text(json.dumps(
+        {"config": cfg.model_dump(mode="json"), "base_model": cfg.base_model, "variant": cfg.variant,
+         "rho_bar": float(model.selector.rho_bar)}, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
