@@ -1,4 +1,4 @@
-"""Command line: `qtsplus build-dataset | train-selector ...` (see `qtsplus COMMAND --help`).
+"""Command line: `qtsplus build-dataset | train-selector | evaluate ...` (see `qtsplus COMMAND --help`).
 
 Runs the Prefect flow in this process. With no Prefect server configured (PREFECT_API_URL unset), Prefect runs
 against a temporary local API on SQLite (under PREFECT_HOME), so nothing needs to be started first.
@@ -37,6 +37,16 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting by dotted key, e.g. --set max_steps=100 (repeatable)")
     t.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    e = sub.add_parser("evaluate", help="accuracy, tokens and latency against the teacher and other selectors")
+    e.add_argument("--data", required=True, help="dataset folder (held-out VSCQ2 / QTS-VQA splits)")
+    e.add_argument("--checkpoint", required=True, help="QTSplus checkpoint (train-selector's final/)")
+    e.add_argument("--out", required=True, help="report folder")
+    e.add_argument("--preset", default="smoke", help="smoke | paper (default: smoke)")
+    e.add_argument("--methods", nargs="+", help="teacher no_selection qtsplus uniform_frames random_tokens ...")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting by dotted key, e.g. --set max_vqa=20 (repeatable)")
+    e.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
 
 
@@ -85,12 +95,36 @@ def train_selector_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate_main(args: argparse.Namespace) -> int:
+    from qtsplus.config import apply_overrides
+    from qtsplus.evaluation.config import EvalConfig
+
+    config = EvalConfig.preset(args.preset, data=args.data, checkpoint=args.checkpoint, out=args.out,
+                               methods=args.methods)
+    config = apply_overrides(config, args.overrides)
+    if args.show_config:
+        print(config.model_dump_json(indent=2))
+        return 0
+    from flows.evaluate import evaluate
+
+    summary = evaluate(config=config)
+    print(f"\n{'method':<16} {'accuracy':>9} {'tokens kept':>12} {'TokDense':>10}")
+    for m in summary.methods:
+        acc, kept, dense = summary.accuracy.get(m), summary.tokens_kept.get(m), summary.tokdense.get(m)
+        if acc is not None:
+            print(f"{m:<16} {acc:>9.3f} {kept:>12.1f} {dense:>10.4f}")
+    print(f"report: {summary.out}/report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "build-dataset":
         return build_dataset_main(args)
     if args.command == "train-selector":
         return train_selector_main(args)
+    if args.command == "evaluate":
+        return evaluate_main(args)
     raise AssertionError(args.command)
 
 

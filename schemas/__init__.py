@@ -10,6 +10,7 @@ from schemas.records import (
     RECORD_TYPES,
     SCHEMA_VERSION,
     Caption,
+    EvalPrediction,
     GeneratedQuestion,
     OptionProbs,
     Options,
@@ -24,6 +25,6 @@ from schemas.records import (
 
 __all__ = [
     "DIFFICULTIES", "OPTION_KEYS", "PARTITIONS", "QUESTION_TYPES", "RAW_MAX_CHARS", "RECORD_TYPES", "SCHEMA_VERSION",
-    "Caption", "GeneratedQuestion", "OptionProbs", "Options", "Record", "Reject", "VQAAnswer", "VSCQ1Question",
+    "Caption", "EvalPrediction", "GeneratedQuestion", "OptionProbs", "Options", "Record", "Reject", "VQAAnswer", "VSCQ1Question",
     "VSCQ2Question", "arrow_schema", "to_table", "max_json_chars", "question_item_schema", "vscq1_generation_schema",
 ]

@@ -143,6 +143,28 @@ class Reject(Record):
     raw: str = Field(description="the offending input, truncated to RAW_MAX_CHARS")
 
 
+class EvalPrediction(Record):
+    """One method's answer to one held-out question (evaluate: predictions.parquet)."""
+
+    method: str
+    task: Literal["mcq", "vqa"]
+    question_id: str
+    video_id: str
+    question_type: QuestionType
+    difficulty: Difficulty
+    reference: str = Field(description="mcq: the teacher-validated key; vqa: the teacher's answer")
+    prediction: str = Field(description="mcq: the chosen option key; vqa: the generated answer")
+    correct: bool | None = Field(description="mcq only")
+    option_probs: OptionProbs | None = Field(description="mcq only: softmax over the option-letter logits")
+    rouge_l: float | None = Field(description="vqa only: ROUGE-L F1 against the teacher's answer")
+    video_tokens_in: int = Field(description="visual tokens the vision tower produced (M)")
+    budget: int | None = Field(description="visual tokens the method was allowed (None: its own choice)")
+    video_tokens_kept: int = Field(description="visual tokens that reached the LM")
+    lm_tokens: int = Field(description="length of the sequence the LM prefilled")
+    rho: float | None = Field(description="QTSplus's predicted retention fraction")
+    latency_s: float = Field(description="mcq: the scoring forward; vqa: time to the full answer")
+
+
 RAW_MAX_CHARS = 2000
 
 RECORD_TYPES: dict[str, type[Record]] = {
@@ -151,6 +173,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
     "vscq2": VSCQ2Question,
     "vqa": VQAAnswer,
     "reject": Reject,
+    "eval_prediction": EvalPrediction,
 }
 
 

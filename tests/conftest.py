@@ -89,3 +89,15 @@ def smoke(tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str])
     env = prefect_env | {"QTSPLUS_ENGINE_LOAD_LOG": str(log)}
     run_cli(["build-dataset", "--out", str(out), "--preset", "smoke"], env)
     return out, env, log
+
+
+TRAIN_STEPS = ["--set", "max_steps=12", "--set", "checkpoint_every=3"]
+
+
+@pytest.fixture(scope="session")
+def trained(smoke, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    """An uninterrupted 12-step smoke training run through the CLI (variant `selector`): (dataset, run, env)."""
+    data, env, _ = smoke
+    out = tmp_path_factory.mktemp("train") / "run"
+    run_cli(["train-selector", "--data", str(data), "--out", str(out), "--preset", "smoke", *TRAIN_STEPS], env)
+    return data, out, env

@@ -33,8 +33,7 @@ from qtsplus.training.launch import read_metrics, run_training
 from qtsplus.training.model import build_model, merge_lora
 from qtsplus.video import load_video
 from tests.conftest import EXAMPLES, REPO, run_cli
-
-STEPS = ["--set", "max_steps=12", "--set", "checkpoint_every=3"]
+from tests.conftest import TRAIN_STEPS as STEPS
 
 
 def steps_of(run: Path) -> list[int]:
@@ -64,15 +63,6 @@ def test_stream_mixes_both_sources_and_masks_all_but_the_answer(smoke) -> None:
         labels = batch["labels"][row]
         assert tok.decode(labels[labels != IGNORE]) == ex.target + "<|im_end|>"
         assert (batch["attention_mask"][row] == 0).sum() == (batch["input_ids"][row] == tok.pad_token_id).sum()
-
-
-@pytest.fixture(scope="module")
-def trained(smoke, tmp_path_factory) -> tuple[Path, Path, dict]:
-    """An uninterrupted 12-step smoke training run through the CLI (variant `selector`)."""
-    data, env, _ = smoke
-    out = tmp_path_factory.mktemp("train") / "run"
-    run_cli(["train-selector", "--data", str(data), "--out", str(out), "--preset", "smoke", *STEPS], env)
-    return data, out, env
 
 
 @pytest.mark.slow

@@ -135,10 +135,10 @@ class TransformersEngine(Engine):
 
     def choose(self, prompts: Sequence[Prompt], options: Sequence[str]) -> list[ChoiceResult]:
         option_ids = torch.tensor(option_token_ids(self.tokenizer, options), device=self.device)
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
         results: list[ChoiceResult | None] = [None] * len(prompts)
         for rows in self._batches(encoded, desc="choose"):
-            batch = self._collate([encoded[i] for i in rows])
+            batch = self.collate([encoded[i] for i in rows])
             if not self.is_video_model:  # Qwen2.5-VL derives its 3-D positions from the mask itself
                 batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
             with torch.inference_mode():
@@ -176,7 +176,7 @@ class TransformersEngine(Engine):
             )
         return self._grammars[key]
 
-    def _encode(self, prompt: Prompt) -> _Encoded:
+    def encode(self, prompt: Prompt) -> _Encoded:
         """Token ids of the rendered chat; a video's single <|video_pad|> is expanded to one id per video token."""
         if prompt.video is not None and not self.is_video_model:
             raise ValueError(f"{self.model_id} is not a video model; it cannot take Prompt.video")
@@ -202,7 +202,7 @@ class TransformersEngine(Engine):
                 yield rows
                 bar.update(len(rows))
 
-    def _collate(self, encoded: list[_Encoded]) -> dict[str, torch.Tensor]:
+    def collate(self, encoded: list[_Encoded]) -> dict[str, torch.Tensor]:
         """Left-padded ids and mask; for Qwen2.5-VL also the videos (in row order) and the token-type ids from which
         transformers 5 computes the 3-D rope positions (without them it silently falls back to 1-D positions)."""
         length = max(len(e.ids) for e in encoded)
@@ -230,10 +230,10 @@ class TransformersEngine(Engine):
         """(decoded text, ended with an eos token) per prompt, in prompt order."""
         from transformers import GenerationConfig
 
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
         out: list[tuple[str, bool] | None] = [None] * len(prompts)
         for rows in self._batches(encoded, desc=desc):
-            batch = self._collate([encoded[i] for i in rows])
+            batch = self.collate([encoded[i] for i in rows])
             prompt_len = batch["input_ids"].shape[1]
             max_new = min(max_new_tokens, self.cfg.max_model_len - prompt_len)
             processors = LogitsProcessorList()

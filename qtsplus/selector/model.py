@@ -73,6 +73,11 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         config.selector_config = self.selector_config.to_dict()
         self.selector = QTSplusSelector(self.selector_config)
         self.selection = True  # False: skip the selector, keep every video token (exactly the base model)
+        # inference only: another method of qtsplus.selectors (a `Selector`) and its per-call budget replace the
+        # QTSplus selector, so every method runs through the same vision tower, splice and LM (see `use_method`)
+        self.method = None
+        self.method_budget = None
+        self.last_prefill: dict | None = None  # per-sample token counts of the last prefill (diagnostics)
         self.post_init()  # initialises only the selector: everything else is already marked initialised
 
     def _init_weights(self, module: torch.nn.Module) -> None:
@@ -218,7 +223,11 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             question_mask = self.default_question_mask(input_ids, attention_mask, labels)
         q, q_mask = gather_rows(text_embeds[owner], question_mask.bool()[owner])  # [V, L, d], [V, L]
 
-        sel = self.selector(x, q, times, slot_mask, q_mask, generator=generator)
+        if self.method is None:
+            sel = self.selector(x, q, times, slot_mask, q_mask, generator=generator)
+        else:
+            sel = self._run_method(x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner, slots,
+                                   input_ids, attention_mask, position_ids, question_mask, generator)
 
         # splice: each kept video token replaces its own placeholder; pruned placeholders leave the sequence
         kept_rows = owner[:, None].expand_as(sel.indices)[sel.token_mask]  # [K]
@@ -250,6 +259,12 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep_slice])
 
+        self.last_prefill = {
+            "video_tokens_in": sel.num_tokens.tolist(),
+            "video_tokens_kept": sel.num_kept.tolist(),
+            "lm_tokens": new_mask.sum(-1).tolist(),
+            "rho": sel.rho.tolist() if getattr(sel, "rho", None) is not None else None,
+        }
         lm_loss = None
         if labels is not None:
             vocab_size = self.config.text_config.vocab_size
@@ -266,6 +281,31 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             position_ids=position_ids,
             labels=labels,
         )
+
+    def use_method(self, method, budget=None) -> None:
+        """Route selection through `method` (a `qtsplus.selectors.Selector`, or None for the QTSplus selector) with
+        `budget` (a `Budget`, an int token count or a ratio). Inference only; one video per sample."""
+        if method is not None and self.training:
+            raise RuntimeError("use_method is for evaluation: call model.eval() first")
+        self.method = method
+        self.method_budget = budget
+
+    def _run_method(self, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner, slots, input_ids,
+                    attention_mask, position_ids, question_mask, generator):
+        from qtsplus.selectors.base import HostLM, SelectorInput
+
+        if not torch.equal(owner, torch.arange(input_ids.shape[0], device=owner.device)):
+            raise ValueError("use_method supports exactly one video per sample")
+        merge = self.config.vision_config.spatial_merge_size
+        grid = video_grid_thw.cpu() // torch.tensor([1, merge, merge])  # [B, 3] in LM tokens
+        seconds = 1.0 if second_per_grid_ts is None else second_per_grid_ts
+        host = None
+        if getattr(self.method, "needs_host", False):
+            host = HostLM(language_model=self.model.language_model, input_ids=input_ids,
+                          attention_mask=attention_mask, position_ids=position_ids, video_slots=slots,
+                          text_rows=question_mask.bool())
+        inputs = SelectorInput.from_grid(x, q, grid, seconds, q_mask=q_mask, host=host)
+        return self.method(inputs, self.method_budget, generator=generator)
 
     def token_times(self, video_grid_thw: Tensor, second_per_grid_ts: Tensor | None, width: int) -> Tensor:
         """[V, width]: each video token's time in seconds = its temporal patch index * seconds per temporal patch.

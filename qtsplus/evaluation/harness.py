@@ -1,0 +1,272 @@
+"""The evaluation harness: every method through the same engine, prompts, videos, splice and LM.
+
+A method is a name. `teacher` is the base model without selection, `no_selection` the checkpoint with its selector
+off, `qtsplus` the checkpoint's selector with its own adaptive budget; any other name is a selector of
+`qtsplus.selectors` (uniform_frames, random_tokens, flexselect, vqtoken, ... or one registered later), run in place
+of the QTSplus selector through `QTSplusForConditionalGeneration.use_method`. Comparators get, per question, the
+number of visual tokens QTSplus kept for it (equal budgets), or `EvalConfig.budget` when QTSplus is not evaluated.
+Samples run one at a time (batch 1), as latency is measured per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtsplus.engines import EngineConfig, GenerationParams, Prompt
+from qtsplus.engines.chat import option_token_ids
+from qtsplus.engines.transformers_engine import TransformersEngine
+from qtsplus.evaluation.config import NO_SELECTION, QTSPLUS, TEACHER, EvalConfig
+from qtsplus.evaluation.metrics import rouge_l
+from qtsplus.prompts import mcq_user_prompt, vqa_user_prompt
+from qtsplus.shards import load_manifest, read_rows
+from qtsplus.video import SamplingConfig, VideoClip, load_video, resolve_video_path
+from schemas import OPTION_KEYS, EvalPrediction, OptionProbs, VQAAnswer, VSCQ2Question
+
+
+def teacher_sampling(data: Path) -> SamplingConfig:
+    """The frame sampling the teacher used in stage VSCQ2 (so `teacher` reproduces its answers exactly)."""
+    return SamplingConfig(**load_manifest(data, "vscq2").provenance["video_sampling"])
+
+
+def teacher_model_id(checkpoint: Path) -> str:
+    record = checkpoint / "qtsplus_training.json"
+    if not record.is_file():
+        raise ValueError(f"{checkpoint}: no qtsplus_training.json; set EvalConfig.teacher_model")
+    return json.loads(record.read_text())["base_model"]
+
+
+@dataclass
+class MethodRun:
+    """How to run one method: the engine, and a context that configures its model for the method."""
+
+    engine: TransformersEngine
+    configure: Callable[[int | None], object]  # budget (tokens) -> context manager
+
+
+def _peak_sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Harness:
+    """Loads the checkpoint once (and the teacher when asked) and answers questions with any method."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.data = Path(cfg.data)
+        self.sampling = cfg.video or teacher_sampling(self.data)
+        self.video_root = Path(cfg.video_root or load_manifest(self.data, "captions").provenance["video_root"])
+        engine_cfg = EngineConfig(model_id=cfg.checkpoint, batch_size=1, device=cfg.device, dtype=cfg.dtype)
+        self.engine = TransformersEngine(engine_cfg)
+        if not hasattr(self.engine.model, "use_method"):
+            raise ValueError(f"{cfg.checkpoint} is not a QTSplus checkpoint (model type "
+                             f"{self.engine.model.config.model_type})")
+        self.engine.model.eval()
+        self._teacher: TransformersEngine | None = None
+        self._clips: dict[tuple[str, SamplingConfig], VideoClip] = {}
+
+    # --- methods ---------------------------------------------------------------------------------------------------
+    def teacher(self) -> TransformersEngine:
+        if self._teacher is None:
+            model_id = self.cfg.teacher_model or teacher_model_id(Path(self.cfg.checkpoint))
+            self._teacher = TransformersEngine(EngineConfig(model_id=model_id, batch_size=1, device=self.cfg.device,
+                                                            dtype=self.cfg.dtype))
+        return self._teacher
+
+    def method(self, name: str) -> MethodRun:
+        model = self.engine.model
+        if name == TEACHER:
+            return MethodRun(self.teacher(), lambda budget: _nothing())
+        if name == NO_SELECTION:
+            return MethodRun(self.engine, lambda budget: _attr(model, selection=False))
+        if name == QTSPLUS:
+            return MethodRun(self.engine, lambda budget: _attr(model, selection=True))
+        from qtsplus.selectors import build_selector
+
+        selector = build_selector(name, model.config.text_config, **self.cfg.method_options.get(name, {}))
+        selector.to(model.device, model.dtype).eval()
+        fallback = self.cfg.budget
+
+        @contextmanager
+        def configure(budget: int | None):
+            model.use_method(selector, budget if budget is not None else fallback)
+            try:
+                yield
+            finally:
+                model.use_method(None)
+
+        return MethodRun(self.engine, configure)
+
+    # --- inputs ----------------------------------------------------------------------------------------------------
+    def clip(self, video: str, sampling: SamplingConfig | None = None) -> VideoClip:
+        sampling = sampling or self.sampling
+        key = (video, sampling)
+        if key not in self._clips:
+            if len(self._clips) >= 64:  # questions are grouped by video: a small cache suffices
+                self._clips.pop(next(iter(self._clips)))
+            self._clips[key] = load_video(resolve_video_path(self.video_root, video), sampling)
+        return self._clips[key]
+
+    def mcq_questions(self) -> list[VSCQ2Question]:
+        files = [f for f in load_manifest(self.data, "vscq2").files if f.split == self.cfg.mcq_split]
+        rows = sorted(read_rows(self.data, files, VSCQ2Question), key=lambda q: (q.video, q.question_id))
+        return rows[: self.cfg.max_mcq]
+
+    def vqa_answers(self) -> list[VQAAnswer]:
+        files = [f for f in load_manifest(self.data, "vqa").files if f.split == self.cfg.vqa_split]
+        rows = sorted(read_rows(self.data, files, VQAAnswer), key=lambda a: (a.video, a.question_id))
+        return rows[: self.cfg.max_vqa]
+
+    # --- one sample --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def token_stats(engine: TransformersEngine, batch: dict) -> dict:
+        """Visual tokens in / kept and LM length of the last prefill (from the QTSplus model when it pruned)."""
+        model = engine.model
+        stats = getattr(model, "last_prefill", None)
+        if stats is not None:
+            return {k: (v[0] if isinstance(v, list) else v) for k, v in stats.items()}
+        m = int((batch["input_ids"] == engine.video_token_id).sum())
+        return {"video_tokens_in": m, "video_tokens_kept": m, "lm_tokens": int(batch["attention_mask"].sum()),
+                "rho": None}
+
+    def answer_mcq(self, run: MethodRun, q: VSCQ2Question, budget: int | None) -> tuple[EvalPrediction, dict]:
+        engine = run.engine
+        prompt = Prompt(user=mcq_user_prompt(q.question, q.options.model_dump()), video=self.clip(q.video))
+        batch = engine.collate([engine.encode(prompt)])
+        option_ids = torch.tensor(option_token_ids(engine.tokenizer, OPTION_KEYS), device=engine.device)
+        with run.configure(budget), torch.inference_mode():
+            _reset(engine)
+            _peak_sync(engine.device)
+            t0 = time.perf_counter()
+            logits = engine.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            _peak_sync(engine.device)
+            latency = time.perf_counter() - t0
+            stats = self.token_stats(engine, batch)
+        probs = dict(zip(OPTION_KEYS, logits[0, option_ids].softmax(-1).tolist(), strict=True))
+        choice = max(probs, key=probs.__getitem__)
+        return EvalPrediction(
+            method="", task="mcq", question_id=q.question_id, video_id=q.video_id, question_type=q.question_type,
+            difficulty=q.difficulty, reference=q.answer, prediction=choice, correct=choice == q.answer,
+            option_probs=OptionProbs(**probs), rouge_l=None, budget=budget, latency_s=latency, **stats,
+        ), stats
+
+    def answer_vqa(self, run: MethodRun, a: VQAAnswer, budget: int | None) -> tuple[EvalPrediction, dict]:
+        engine = run.engine
+        prompt = Prompt(user=vqa_user_prompt(a.question), video=self.clip(a.video))
+        batch = engine.collate([engine.encode(prompt)])
+        params = GenerationParams(temperature=0.0, max_new_tokens=self.cfg.vqa_max_new_tokens)
+        with run.configure(budget):
+            _reset(engine)
+            _peak_sync(engine.device)
+            t0 = time.perf_counter()
+            (text,) = engine.generate_text([prompt], params)
+            _peak_sync(engine.device)
+            latency = time.perf_counter() - t0
+            stats = self.token_stats(engine, batch)
+        text = text.strip()
+        return EvalPrediction(
+            method="", task="vqa", question_id=a.question_id, video_id=a.video_id, question_type=a.question_type,
+            difficulty=a.difficulty, reference=a.prediction, prediction=text, correct=None, option_probs=None,
+            rouge_l=rouge_l(text, a.prediction), budget=budget, latency_s=latency, **stats,
+        ), stats
+
+
+def _reset(engine: TransformersEngine) -> None:
+    if hasattr(engine.model, "last_prefill"):
+        engine.model.last_prefill = None
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _attr(obj: object, **values: object) -> Iterator[None]:
+    old = {k: getattr(obj, k) for k in values}
+    for k, v in values.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
+def ordered_methods(methods: list[str]) -> list[str]:
+    """QTSplus first: the comparators' budgets are the token counts it kept."""
+    unknown = [m for m in methods if m not in (TEACHER, NO_SELECTION, QTSPLUS) and not _is_selector(m)]
+    if unknown:
+        from qtsplus.selectors import SELECTORS
+
+        raise ValueError(f"unknown methods {unknown}; known: {TEACHER}, {NO_SELECTION}, {QTSPLUS}, {sorted(SELECTORS)}")
+    return sorted(dict.fromkeys(methods), key=lambda m: (m != QTSPLUS, methods.index(m)))
+
+
+def _is_selector(name: str) -> bool:
+    from qtsplus.selectors import SELECTORS
+
+    return name in SELECTORS
+
+
+def run_predictions(harness: Harness, progress: Callable[[str, int, int], None] | None = None) -> list[EvalPrediction]:
+    """Every method on every held-out MCQ and VQA sample."""
+    cfg = harness.cfg
+    mcq, vqa = harness.mcq_questions(), harness.vqa_answers()
+    budgets: dict[tuple[str, str], int] = {}
+    out: list[EvalPrediction] = []
+    for method in ordered_methods(cfg.methods):
+        run = harness.method(method)
+        own = method in (TEACHER, NO_SELECTION, QTSPLUS)
+        for task, items, answer in (("mcq", mcq, harness.answer_mcq), ("vqa", vqa, harness.answer_vqa)):
+            if items:  # untimed warm-up: first calls pay for lazy initialisation, not for the method
+                answer(run, items[0], budgets.get((task, items[0].question_id), 1) if not own else None)
+            for i, item in enumerate(items):
+                budget = None if own else budgets.get((task, item.question_id))
+                pred, stats = answer(run, item, budget)
+                if method == QTSPLUS:
+                    budgets[(task, item.question_id)] = int(stats["video_tokens_kept"])
+                if not own and budget is None:  # the fallback budget, resolved against this sample's M
+                    budget = _resolve(cfg.budget, int(stats["video_tokens_in"]))
+                out.append(pred.model_copy(update={"method": method, "budget": budget}))
+                if progress:
+                    progress(f"{method} {task}", i + 1, len(items))
+    return out
+
+
+def _resolve(budget: float | int, m: int) -> int:
+    from qtsplus.selectors.base import Budget
+
+    return int(Budget.of(budget).resolve(torch.tensor([m]))[0])
+
+
+def latency_sweep(harness: Harness, question: VSCQ2Question, frames: list[int], max_new_tokens: int) -> list[dict]:
+    """Fig. 4: visual tokens into the LM and time to the full answer against frame count, with and without QTSplus."""
+    rows = []
+    params = GenerationParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    for n in frames:
+        sampling = SamplingConfig(fps=1000.0, min_frames=n, max_frames=n, min_pixels=harness.sampling.min_pixels,
+                                  max_pixels=harness.sampling.max_pixels)
+        prompt = Prompt(user=mcq_user_prompt(question.question, question.options.model_dump()),
+                        video=harness.clip(question.video, sampling))
+        for method in (NO_SELECTION, QTSPLUS):
+            run = harness.method(method)
+            batch = run.engine.collate([run.engine.encode(prompt)])
+            with run.configure(None):
+                run.engine.generate_text([prompt], params)  # untimed warm-up at this size
+                _reset(run.engine)
+                _peak_sync(run.engine.device)
+                t0 = time.perf_counter()
+                run.engine.generate_text([prompt], params)
+                _peak_sync(run.engine.device)
+                seconds = time.perf_counter() - t0
+                stats = harness.token_stats(run.engine, batch)
+            rows.append({"frames": n, "method": method, "seconds": seconds, **stats})
+    return rows

@@ -1,0 +1,97 @@
+"""Plots and the markdown report of an evaluate run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_accuracy_vs_tokens(metrics: dict[str, dict], dest: Path) -> Path:
+    """MCQ accuracy against mean visual tokens reaching the LM, one point per method (log x)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    for method, m in metrics.items():
+        if "accuracy" not in m:
+            continue
+        ax.scatter(m["video_tokens_kept"], m["accuracy"], s=60)
+        ax.annotate(f"{method}\nTokDense {m['tokdense']:.3g}", (m["video_tokens_kept"], m["accuracy"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens reaching the LM (mean per question)")
+    ax.set_ylabel("MCQ accuracy (held-out VSCQ2)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def plot_latency_sweep(rows: list[dict], dest: Path) -> Path:
+    """Fig. 4 of the paper: visual tokens into the LM and time to the full answer against frame count."""
+    fig, (ax_tok, ax_lat) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for method in sorted({r["method"] for r in rows}):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["frames"])
+        frames = [r["frames"] for r in mine]
+        ax_tok.plot(frames, [r["video_tokens_kept"] for r in mine], marker="o", label=method)
+        ax_lat.plot(frames, [r["seconds"] for r in mine], marker="o", label=method)
+    ax_tok.set_xlabel("frames")
+    ax_tok.set_ylabel("visual tokens into the LM")
+    ax_lat.set_xlabel("frames")
+    ax_lat.set_ylabel("time to full answer (s)")
+    for ax in (ax_tok, ax_lat):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def render_report(metrics: dict[str, dict], sweep: list[dict], plots: dict[str, str], info: dict) -> str:
+    """report.md: a table per method, accuracy by type and difficulty, the budget, and the plots."""
+    parts = ["# QTSplus evaluation\n\n",
+             f"Checkpoint `{info['checkpoint']}` on `{info['data']}` ({info['mcq_split']} / {info['vqa_split']}). "
+             "MCQ accuracy reads the option-letter logits at the last position; VQA is ROUGE-L F1 (lower-cased "
+             "whitespace tokens) against the teacher's answer; comparators get the token count QTSplus kept for "
+             "each question. TokDense = accuracy / mean visual tokens kept.\n\n"]
+    rows = []
+    for method, m in metrics.items():
+        rows.append({"method": method, "mcq": m.get("mcq_samples", 0), "accuracy": m.get("accuracy", float("nan")),
+                     "visual tokens in": m.get("video_tokens_in", float("nan")),
+                     "kept": m.get("video_tokens_kept", float("nan")), "LM tokens": m.get("lm_tokens", float("nan")),
+                     "TokDense": m.get("tokdense", float("nan")), "latency s": m.get("latency_mean_s", float("nan")),
+                     "vqa": m.get("vqa_samples", 0), "ROUGE-L": m.get("rouge_l", float("nan")),
+                     "peak MiB": m.get("peak_memory_mib", float("nan"))})
+    parts.append("## Methods\n\n" + _table(rows))
+    for title, key in (("type", "accuracy_by_type"), ("difficulty", "accuracy_by_difficulty")):
+        groups = sorted({g for m in metrics.values() for g in m.get(key, {})})
+        if groups:
+            parts.append(f"\n## Accuracy by question {title}\n\n")
+            parts.append(_table([{"method": method} | {g: m.get(key, {}).get(g, float("nan")) for g in groups}
+                                 for method, m in metrics.items()]))
+    qts = metrics.get("qtsplus", {})
+    if "rho" in qts:
+        parts.append(f"\n## QTSplus budget\n\nrho mean {qts['rho']['mean']:.3f} (min {qts['rho']['min']:.3f}, "
+                     f"max {qts['rho']['max']:.3f}); kept tokens n mean {qts['n']['mean']:.1f} "
+                     f"(min {qts['n']['min']}, max {qts['n']['max']}).\n")
+    parts.append(f"\n## Accuracy against tokens\n\n![accuracy vs tokens]({plots['accuracy']})\n")
+    if sweep:
+        parts.append(f"\n## Tokens and latency against frames (Fig. 4)\n\n![latency sweep]({plots['latency']})\n\n")
+        parts.append(_table([{k: r[k] for k in ("frames", "method", "video_tokens_in", "video_tokens_kept",
+                                                "lm_tokens", "seconds")} for r in sweep]))
+    return "".join(parts)

@@ -1,0 +1,82 @@
+"""Prefect tasks of evaluate: a cached wrapper around `qtsplus.evaluation.evaluate.evaluate_checkpoint`.
+
+Cache key: the checkpoint's files (sha256 of weights and config) + the eval data's manifests + the eval config +
+the code of the evaluation, selector and engine modules + the report folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.context import TaskRunContext
+
+from qtsplus.evaluation.config import EvalConfig
+from qtsplus.evaluation.evaluate import PREDICTIONS, EvalSummary, evaluate_checkpoint
+from qtsplus.fingerprint import code_version, file_sha256, fingerprint
+from qtsplus.shards import write_text_atomic
+from tasks.build_dataset import is_transient, result_storage
+
+EVAL_CODE = (
+    "qtsplus.evaluation.config", "qtsplus.evaluation.harness", "qtsplus.evaluation.metrics",
+    "qtsplus.evaluation.evaluate", "qtsplus.selector.model", "qtsplus.selector.selector", "qtsplus.selectors.base",
+    "qtsplus.selectors.baselines", "qtsplus.engines.transformers_engine", "qtsplus.engines.chat", "qtsplus.video",
+    "qtsplus.prompts",
+)
+
+
+@task(name="checkpoint-fingerprint", cache_policy=NO_CACHE)
+def checkpoint_fingerprint(checkpoint: str) -> str:
+    """sha256 over the checkpoint's weight and config files."""
+    root = Path(checkpoint)
+    files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json"))
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise FileNotFoundError(f"{checkpoint}: no .safetensors weights")
+    return fingerprint([(p.name, file_sha256(p)) for p in files])
+
+
+@task(name="eval-data-fingerprint", cache_policy=NO_CACHE)
+def eval_data_fingerprint(data: str) -> str:
+    root = Path(data)
+    return fingerprint([file_sha256(root / stage / "manifest.json") for stage in ("captions", "vscq2", "vqa")])
+
+
+def eval_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    cfg: EvalConfig = p["cfg"]
+    return fingerprint("evaluate", code_version(*EVAL_CODE), cfg.model_dump(mode="json"), p["checkpoint_fp"],
+                       p["data_fp"])
+
+
+@task(name="evaluate-run", persist_result=True, retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
+def evaluate_run(cfg: EvalConfig, checkpoint_fp: str, data_fp: str) -> EvalSummary:
+    return evaluate_checkpoint(cfg, progress=False)
+
+
+def cached_evaluate_run(out: Path) -> Any:
+    policy = CacheKeyFnPolicy(cache_key_fn=eval_key).configure(key_storage=out / ".cache" / "prefect" / "keys")
+    return evaluate_run.with_options(cache_policy=policy, result_storage=result_storage(out))
+
+
+def report_intact(summary: EvalSummary) -> bool:
+    path = Path(summary.out) / PREDICTIONS
+    return path.is_file() and file_sha256(path) == summary.predictions_sha256
+
+
+@task(name="publish-evaluation", cache_policy=NO_CACHE)
+def publish_evaluation(summary: EvalSummary, state: str) -> None:
+    """Artifacts: accuracy / tokens / TokDense per method, the report with its plots inlined."""
+    out = Path(summary.out)
+    write_text_atomic(out / "run-report.json", json.dumps({"state": state} | summary.model_dump(), indent=2) + "\n")
+    rows = [{"method": m, "accuracy": summary.accuracy.get(m), "visual tokens kept": summary.tokens_kept.get(m),
+             "TokDense": summary.tokdense.get(m)} for m in summary.methods]
+    create_table_artifact(key="evaluate-methods", table=rows, description=f"Methods compared ({state})")
+    report = (out / "report.md").read_text()
+    for png in sorted(out.glob("*.png")):
+        data = base64.b64encode(png.read_bytes()).decode()
+        report = report.replace(f"]({png.name})", f"](data:image/png;base64,{data})")
+    create_markdown_artifact(key="evaluate-report", markdown=report, description="Evaluation report")
