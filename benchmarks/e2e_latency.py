@@ -13,6 +13,7 @@ on (its rho is an untrained prediction, so the kept fraction sits near the middl
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -92,6 +93,11 @@ def measure(model, tokenizer, clip: VideoClip, selection: bool, new_tokens: int,
     return {"tokens_in": tokens_in, "kept": kept, "seconds": seconds}
 
 
+def median_run(model, tokenizer, clip, selection: bool, new_tokens: int, device, repeats: int) -> dict:
+    runs = [measure(model, tokenizer, clip, selection, new_tokens, device) for _ in range(repeats)]
+    return runs[0] | {"seconds": statistics.median(r["seconds"] for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=["tiny", "3b"], default="tiny")
@@ -103,6 +109,7 @@ def main() -> None:
     parser.add_argument("--rho", type=float, default=None, help="pin QTSplus's retention fraction")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None)
+    parser.add_argument("--repeats", type=int, default=3, help="median over this many runs per cell")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -115,8 +122,8 @@ def main() -> None:
     print(f"{'frames':>6} {'tokens full':>12} {'kept':>8} {'tokens -%':>10} {'full s':>8} {'qtsplus s':>10} {'latency -%':>11}")
     for n in args.frames:
         clip = synthetic_clip(n, args.height, args.width, args.max_pixels)
-        full = measure(model, tokenizer, clip, False, args.new_tokens, device)
-        qts = measure(model, tokenizer, clip, True, args.new_tokens, device)
+        full = median_run(model, tokenizer, clip, False, args.new_tokens, device, args.repeats)
+        qts = median_run(model, tokenizer, clip, True, args.new_tokens, device, args.repeats)
         print(f"{n:>6} {full['tokens_in']:>12} {qts['kept']:>8} {1 - qts['kept'] / full['tokens_in']:>10.1%} "
               f"{full['seconds']:>8.3f} {qts['seconds']:>10.3f} {1 - qts['seconds'] / full['seconds']:>11.1%}",
               flush=True)
