@@ -23,6 +23,10 @@ class EvalConfig(BaseModel):
     out: str = Field(description="report folder: predictions.parquet, metrics.json, report.md, *.png")
     video_root: str | None = Field(None, description="default: the dataset's recorded video root")
     video: SamplingConfig | None = Field(None, description="default: the teacher's sampling of stage VSCQ2")
+    features: str | None = Field(
+        "auto", description="vision features cached by `qtsplus cache-features` for the MCQ forward of the "
+        "checkpoint's methods (docs/feature_cache.md): 'auto' = <data>/features, a store folder, or null / 'off'. "
+        "Only a set stored losslessly for exactly this vision tower and dtype is used, so reports do not change")
     methods: list[str] = [TEACHER, QTSPLUS, "uniform_frames", "random_tokens"]
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method config overrides")
     budget: float | int = Field(0.25, description="budget of comparators when qtsplus is not evaluated (ratio or count)")

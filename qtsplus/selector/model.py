@@ -7,7 +7,8 @@ model's own forward.
 The prefill path, per batch:
 1. 3-D rotary position ids (t, h, w) of the FULL sequence, from the base model's `get_rope_index` (time-aligned with
    `second_per_grid_ts`).
-2. Video features from the base vision tower: one [M_v, d] block per video, in placeholder order.
+2. Video features from the base vision tower (or the precomputed `video_embeds`, qtsplus.features): one [M_v, d]
+   block per video, in placeholder order.
 3. The selector scores each video against its sample's question (the LM's token embeddings of the question tokens,
    `question_mask`), keeps n_v tokens in temporal order and re-encodes them with their absolute time.
 4. The pruned video placeholders are removed from the sequence together with their position ids: kept video tokens
@@ -28,7 +29,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from qtsplus.selector.config import SelectorConfig
 from qtsplus.selector.selector import QTSplusSelector, SelectorOutput
@@ -165,13 +166,25 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         logits_to_keep: int | Tensor = 0,
         question_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
+        video_embeds: Tensor | None = None,
         **kwargs,
     ) -> QTSplusOutput | CausalLMOutputWithPast:
         """Base Qwen2.5-VL forward, plus `question_mask` [B, S] (bool: the question tokens that score the video;
-        default `default_question_mask`) and `generator` (the training gate's random draws)."""
+        default `default_question_mask`), `generator` (the training gate's random draws) and `video_embeds`
+        [sum M_v, d]: the vision tower's output for every video, packed in placeholder order (`video_grid_thw` still
+        given), used instead of running the tower on `pixel_values_videos` (qtsplus.features). Ignored on steps
+        without video placeholders (decoding)."""
         if mm_token_type_ids is None and input_ids is not None:  # the base model needs them for 3-D positions
             mm_token_type_ids = self.mm_token_type_ids(input_ids)
-        if not self.selection or pixel_values_videos is None:
+        if video_embeds is not None:
+            if pixel_values_videos is not None:
+                raise ValueError("pass pixel_values_videos or video_embeds, not both")
+            if input_ids is None or not (input_ids == self.config.video_token_id).any():
+                video_embeds = None  # a decoding step: the video is already in the KV cache
+        if not self.selection and video_embeds is not None:  # the base forward, with the precomputed features
+            kwargs["mm_encoder_outputs"] = {"video": BaseModelOutputWithPooling(
+                pooler_output=self.split_video_embeds(video_embeds, video_grid_thw))}
+        if not self.selection or (pixel_values_videos is None and video_embeds is None):
             return super().forward(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -214,7 +227,10 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
 
         # one selector row per video (videos fill the placeholders in (batch, sequence) order); V x [M_v, d]
-        videos = self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
+        if video_embeds is not None:
+            videos = self.split_video_embeds(video_embeds, video_grid_thw)
+        else:
+            videos = self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
         is_video = input_ids == self.config.video_token_id  # [B, S]
         owner, slots, slot_mask = video_slots(is_video, [v.shape[0] for v in videos])  # [V], [V, M], [V, M]
         x = pad_sequence([v.to(text_embeds.dtype) for v in videos], batch_first=True)  # [V, M, d]
@@ -281,6 +297,15 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             position_ids=position_ids,
             labels=labels,
         )
+
+    def split_video_embeds(self, video_embeds: Tensor, video_grid_thw: Tensor) -> tuple[Tensor, ...]:
+        """Packed [sum M_v, d] precomputed video features -> one [M_v, d] block per video (M_v from the grid)."""
+        if video_grid_thw is None:
+            raise ValueError("video_embeds needs video_grid_thw")
+        sizes = (video_grid_thw.prod(-1) // self.config.vision_config.spatial_merge_size**2).tolist()
+        if sum(sizes) != video_embeds.shape[0]:
+            raise ValueError(f"video_embeds has {video_embeds.shape[0]} rows, video_grid_thw says {sum(sizes)}")
+        return torch.split(video_embeds, sizes)
 
     def use_method(self, method, budget=None) -> None:
         """Route selection through `method` (a `qtsplus.selectors.Selector`, or None for the QTSplus selector) with

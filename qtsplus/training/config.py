@@ -45,6 +45,11 @@ class TrainConfig(BaseModel):
     lora: LoraSettings | None = None
     selector: dict[str, Any] = Field(default_factory=dict, description="SelectorConfig overrides (rho_min, tau_s, ...)")
     video: SamplingConfig = SamplingConfig(fps=1.0, max_frames=40, max_pixels=360 * 420)
+    features: str | None = Field(
+        "auto", description="vision features cached by `qtsplus cache-features` (docs/feature_cache.md): 'auto' = "
+        "<data>/features when it holds a set for this sampling and vision tower, a store folder, or null / 'off' = "
+        "always run the vision tower. Videos without verified cached features are decoded as usual; the training "
+        "is the same either way (up to the storage dtype's rounding), and what is cached never enters the run's key")
 
     mcq_weight: int = Field(1, ge=0, description="MCQ examples (VSCQ2 kept) per round of the mix")
     vqa_weight: int = Field(1, ge=0, description="VQA examples (QTS-VQA) per round of the mix")

@@ -2,6 +2,9 @@
 
 - MCQ examples come from VSCQ2 `train_kept`: the training-time MCQ prompt, target = the option letter.
 - VQA examples come from QTS-VQA `train`: the free-form prompt, target = the teacher's answer.
+- Videos: decoded with the run's `SamplingConfig` and packed as pixels for the vision tower, or, when a feature store
+  (qtsplus.features) holds verified features of every video of a micro-batch for this sampling and vision tower, the
+  cached features (`video_embeds`) with the same grid, times and tokens: the vision tower then does not run.
 Both are mixed in one stream (`mcq_weight` : `vqa_weight` per round), shuffled through a seeded buffer, sharded over
 ranks, and repeat epoch after epoch. The stream is a deterministic function of (dataset, config, epoch), so a resumed
 run can skip exactly the examples it has already seen. Only the shard being read and the shuffle buffer are in memory.
@@ -19,6 +22,7 @@ import torch
 
 from qtsplus.engines import Prompt
 from qtsplus.engines.chat import encode_prompt
+from qtsplus.features.store import FeatureSet, VideoFeatures, video_prompt_ids
 from qtsplus.prompts import mcq_user_prompt, vqa_user_prompt
 from qtsplus.shards import load_manifest, read_rows
 from qtsplus.training.config import TrainConfig
@@ -97,21 +101,36 @@ def default_video_root(data: Path) -> Path:
 
 
 class Collator:
-    """Tokenizes examples exactly as the engines do at inference, appends the answer, masks all but the answer."""
+    """Tokenizes examples exactly as the engines do at inference, appends the answer, masks all but the answer.
 
-    def __init__(self, tokenizer, model_config, video_root: Path, sampling: SamplingConfig):
+    With `features` (a verified feature set), a micro-batch whose videos are all cached gets `video_embeds` (their
+    vision-tower output, packed in row order) instead of `pixel_values_videos`; the token ids, labels, grids and times
+    are the same. A micro-batch with any uncached video is decoded whole (the model takes one or the other).
+    """
+
+    def __init__(self, tokenizer, model_config, video_root: Path, sampling: SamplingConfig,
+                 features: FeatureSet | None = None):
         self.tokenizer = tokenizer
         self.config = model_config
         self.video_root = video_root
         self.sampling = sampling
+        self.features = features
         self.end_ids = tokenizer.encode("<|im_end|>", add_special_tokens=False)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def encode(self, ex: TrainExample) -> dict:
-        clip = load_video(resolve_video_path(self.video_root, ex.video), self.sampling)
-        prompt_ids, video = encode_prompt(
-            self.tokenizer, Prompt(user=ex.prompt, video=clip), self.config.video_token_id, self.config.vision_config
-        )
+    def cached(self, ex: TrainExample) -> VideoFeatures | None:
+        if self.features is None:
+            return None
+        return self.features.get(resolve_video_path(self.video_root, ex.video))
+
+    def encode(self, ex: TrainExample, cached: VideoFeatures | None = None) -> dict:
+        if cached is not None:
+            prompt_ids = video_prompt_ids(self.tokenizer, ex.prompt, self.config.video_token_id, cached.num_tokens)
+            video = cached
+        else:
+            clip = load_video(resolve_video_path(self.video_root, ex.video), self.sampling)
+            prompt_ids, video = encode_prompt(self.tokenizer, Prompt(user=ex.prompt, video=clip),
+                                              self.config.video_token_id, self.config.vision_config)
         answer_ids = self.tokenizer.encode(ex.target, add_special_tokens=False) + self.end_ids
         return {
             "ids": prompt_ids + answer_ids,
@@ -120,7 +139,10 @@ class Collator:
         }
 
     def __call__(self, examples: list[TrainExample]) -> dict[str, torch.Tensor]:
-        rows = [self.encode(ex) for ex in examples]
+        cached = [self.cached(ex) for ex in examples]
+        if any(c is None for c in cached):
+            cached = [None] * len(examples)
+        rows = [self.encode(ex, c) for ex, c in zip(examples, cached, strict=True)]
         length = max(len(r["ids"]) for r in rows)
         b = len(rows)
         input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
@@ -132,12 +154,17 @@ class Collator:
             labels[i, length - n :] = torch.tensor(r["labels"])
             attention_mask[i, length - n :] = 1
         videos = [r["video"] for r in rows]
+        if cached[0] is not None:
+            pixels = {"video_embeds": torch.cat([v.features for v in videos]),
+                      "video_grid_thw": torch.cat([v.grid_thw for v in videos])}
+        else:
+            pixels = {"pixel_values_videos": torch.cat([v.pixel_values_videos for v in videos]),
+                      "video_grid_thw": torch.cat([v.video_grid_thw for v in videos])}
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values_videos": torch.cat([v.pixel_values_videos for v in videos]),
-            "video_grid_thw": torch.cat([v.video_grid_thw for v in videos]),
+            **pixels,
             "second_per_grid_ts": torch.tensor([v.second_per_grid_t for v in videos]),
         }
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from qtsplus.features.store import open_feature_set
 from qtsplus.selector.losses import attention_cost, budget_prior, memory_cost
 from qtsplus.shards import write_text_atomic
 from qtsplus.training.config import TrainConfig
@@ -127,24 +128,30 @@ def train(cfg: TrainConfig) -> None:
     if newest_checkpoint(run) is not None:
         _, client = engine.load_checkpoint(str(run / CHECKPOINTS))
         start = int(client["step"])
+    # cached vision features, if a store holds them for this sampling and this exact tower (in its training dtype)
+    features = open_feature_set(cfg.features, Path(cfg.data), cfg.video, engine.module.model.visual)
     metrics = run / METRICS
     if rank == 0:
         _truncate_metrics(metrics, start)
         with metrics.open("a") as f:
-            f.write(json.dumps({"event": "start", "resumed_from": start, "world_size": world}) + "\n")
+            f.write(json.dumps({"event": "start", "resumed_from": start, "world_size": world,
+                                "features": str(features.folder) if features is not None else None}) + "\n")
 
     video_root = Path(cfg.video_root) if cfg.video_root else default_video_root(Path(cfg.data))
-    collator = Collator(tokenizer, model.config, video_root, cfg.video)
+    collator = Collator(tokenizer, model.config, video_root, cfg.video, features=features)
     data = batches(cfg, collator, rank, world, skip_batches=start * cfg.grad_accum)
     sel_cfg = engine.module.selector.config
     dtype = next(engine.module.parameters()).dtype
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        logs, kinds = [], []
+        logs, kinds, cached = [], [], 0
         for micro in range(cfg.grad_accum):
             epoch, batch, batch_kinds = next(data)
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            batch["pixel_values_videos"] = batch["pixel_values_videos"].to(dtype)
+            for key in ("pixel_values_videos", "video_embeds"):  # the collator gives one of them
+                if key in batch:
+                    batch[key] = batch[key].to(dtype)
+            cached += len(batch_kinds) if "video_embeds" in batch else 0
             out = engine(**batch, generator=gate_generator(cfg.seed, step, micro, rank))
             engine.backward(out.loss)
             engine.step()
@@ -154,6 +161,7 @@ def train(cfg: TrainConfig) -> None:
             row = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}
             row.update(step=step, epoch=epoch, lr=engine.get_lr()[0], seconds=time.perf_counter() - t0,
                        samples=len(kinds) * world, mcq=kinds.count("mcq"), vqa=kinds.count("vqa"),
+                       cached_videos=cached,
                        peak_mem_mib=peak_memory_mib(),
                        trainable_params=sum(p.numel() for p in engine.module.parameters() if p.requires_grad))
             with metrics.open("a") as f:
