@@ -15,6 +15,7 @@ from tasks.build_dataset import (
     vscq1_chunk,
     vscq2_chunk,
 )
+from tasks.gpu import gpu_slot
 from tasks.publish import BuildSummary, finalize, publish_build
 
 STAGES = ("captions", "vscq1", "vscq2", "vqa")
@@ -34,21 +35,21 @@ def build_dataset(config: BuildConfig, progress: bool = True) -> BuildSummary:
     runs = [captions]
     finalize(out, captions, config)
 
-    with stage_worker("vscq1"):
+    with gpu_slot(), stage_worker("vscq1"):
         vscq1 = run_chunk_tasks("vscq1", vscq1_chunk, out, [
             dict(out=str(out), prev=r, cfg=config.vscq1) for r in captions.results
         ], progress)
     runs.append(vscq1)
     finalize(out, vscq1, config)
 
-    with stage_worker("vscq2"):
+    with gpu_slot(), stage_worker("vscq2"):
         vscq2 = run_chunk_tasks("vscq2", vscq2_chunk, out, [
             dict(out=str(out), prev=r, cfg=config.teacher, video_root=video_root) for r in vscq1.results
         ], progress)
     runs.append(vscq2)
     finalize(out, vscq2, config)
 
-    with stage_worker("vqa"):
+    with gpu_slot(), stage_worker("vqa"):
         vqa = run_chunk_tasks("vqa", vqa_chunk, out, [
             dict(out=str(out), prev=r, cfg=config.teacher, video_root=video_root) for r in vscq2.results
         ], progress)

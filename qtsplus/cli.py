@@ -1,4 +1,4 @@
-"""Command line: `qtsplus build-dataset | train-selector | evaluate ...` (see `qtsplus COMMAND --help`).
+"""Command line: `qtsplus build-dataset | cache-features | train-selector | evaluate | retrain` (see --help).
 
 Runs the Prefect flow in this process. With no Prefect server configured (PREFECT_API_URL unset), Prefect runs
 against a temporary local API on SQLite (under PREFECT_HOME), so nothing needs to be started first.
@@ -38,6 +38,15 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="override a setting by dotted key, e.g. --set max_steps=100 (repeatable)")
     t.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
 
+    c = sub.add_parser("cache-features", help="run the frozen vision tower once per video and store its output")
+    c.add_argument("--data", required=True, help="dataset folder written by build-dataset")
+    c.add_argument("--out", help="feature store folder (default: DATA/features, which train-selector reads)")
+    c.add_argument("--preset", default="smoke", help="smoke | qtsplus-3b (default: smoke)")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting by dotted key, e.g. --set storage_dtype=fp32 (repeatable)")
+    c.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     e = sub.add_parser("evaluate", help="accuracy, tokens and latency against the teacher and other selectors")
     e.add_argument("--data", required=True, help="dataset folder (held-out VSCQ2 / QTS-VQA splits)")
     e.add_argument("--checkpoint", required=True, help="QTSplus checkpoint (train-selector's final/)")
@@ -47,6 +56,15 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting by dotted key, e.g. --set max_vqa=20 (repeatable)")
     e.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
+
+    r = sub.add_parser("retrain", help="new captions in the inbox -> dataset -> train -> evaluate -> promote")
+    r.add_argument("--inbox", required=True, help="watched folder of *.jsonl caption files")
+    r.add_argument("--registry", required=True, help="model registry folder")
+    r.add_argument("--work", required=True, help="working folder (combined captions, dataset, runs, evaluations)")
+    r.add_argument("--video-root", required=True, help="root of the video paths in the captions")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a retrain setting, e.g. --set promotion.min_delta=0.01 or "
+                        "--set 'train_overrides=[\"max_steps=100\"]' (repeatable)")
     return parser
 
 
@@ -95,6 +113,26 @@ def train_selector_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def cache_features_main(args: argparse.Namespace) -> int:
+    from qtsplus.config import apply_overrides
+    from qtsplus.features.config import FeatureConfig
+
+    config = FeatureConfig.preset(args.preset, data=args.data, out=args.out)
+    config = apply_overrides(config, args.overrides)
+    if args.show_config:
+        print(config.model_dump_json(indent=2))
+        return 0
+    if args.no_progress:
+        os.environ["QTSPLUS_NO_PROGRESS"] = "1"
+    from flows.cache_features import cache_features
+
+    summary = cache_features(config=config, progress=not args.no_progress)
+    states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(summary.states.values()).items())) or "no chunks"
+    print(f"\nfeature store: {summary.out} (set {summary.set_id}, {summary.storage_dtype})\n"
+          f"videos: {summary.videos} cached, {len(summary.failed)} failed; {summary.bytes:,} bytes; [{states}]")
+    return 0
+
+
 def evaluate_main(args: argparse.Namespace) -> int:
     from qtsplus.config import apply_overrides
     from qtsplus.evaluation.config import EvalConfig
@@ -117,6 +155,20 @@ def evaluate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def retrain_main(args: argparse.Namespace) -> int:
+    from qtsplus.config import apply_overrides
+    from qtsplus.retrain import RetrainConfig
+
+    config = apply_overrides(RetrainConfig(inbox=args.inbox, registry=args.registry, work=args.work,
+                                           video_root=args.video_root), args.overrides)
+    from flows.retrain import retrain
+
+    outcome = retrain(config=config)
+    print(f"\nversion: {outcome['version']}  promoted: {outcome['promoted']}  current: {outcome['current']}\n"
+          f"{outcome['decision']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "build-dataset":
@@ -125,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return train_selector_main(args)
     if args.command == "evaluate":
         return evaluate_main(args)
+    if args.command == "cache-features":
+        return cache_features_main(args)
+    if args.command == "retrain":
+        return retrain_main(args)
     raise AssertionError(args.command)
 
 

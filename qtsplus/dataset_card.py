@@ -24,6 +24,11 @@ def counts_table(manifests: list[StageManifest]) -> list[dict[str, object]]:
         rows.append({"stage": m.stage, "what": "read (input rows)", "count": m.read})
         rows.append({"stage": m.stage, "what": "kept (input rows with output)", "count": m.kept})
         rows.append({"stage": m.stage, "what": "rejected (input rows)", "count": m.rejected})
+        rows.append({"stage": m.stage, "what": "keep rate (%)", "count": round(100 * m.kept / m.read, 1) if m.read else 0})
+        if m.stage == "vscq2":
+            correct, total = m.stats.get("correct", 0), m.stats.get("correct", 0) + m.stats.get("wrong", 0)
+            rows.append({"stage": m.stage, "what": "teacher correct (%)",
+                         "count": round(100 * correct / total, 1) if total else 0})
         for split, n in m.rows_per_split.items():
             rows.append({"stage": m.stage, "what": f"split {split}", "count": n})
         for reason, n in m.reasons.items():

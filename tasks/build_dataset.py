@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
@@ -155,6 +156,7 @@ def run_chunk_tasks(stage: str, chunk_task: Any, out: Path, calls: list[dict[str
     run = StageRun(stage)
     by_index: dict[int, ChunkResult] = {}
     bar = tqdm(total=len(calls), desc=f"{stage:>8}", unit="chunk", disable=not progress or not sys.stderr.isatty())
+    ui = create_progress_artifact(progress=0.0, description=f"{stage}: chunks done (%)") if calls else None
     for future in as_completed(list(futures)):
         i = futures[future]
         result: ChunkResult = future.result()
@@ -165,6 +167,8 @@ def run_chunk_tasks(stage: str, chunk_task: Any, out: Path, calls: list[dict[str
         by_index[i] = result
         run.states[result.chunk] = state
         bar.update(1)
+        if ui is not None:
+            update_progress_artifact(ui, progress=100.0 * len(run.states) / len(calls))
     bar.close()
     run.results = [by_index[i] for i in range(len(calls))]
     return run

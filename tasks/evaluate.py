@@ -21,6 +21,7 @@ from qtsplus.evaluation.evaluate import PREDICTIONS, EvalSummary, evaluate_check
 from qtsplus.fingerprint import code_version, file_sha256, fingerprint
 from qtsplus.shards import write_text_atomic
 from tasks.build_dataset import is_transient, result_storage
+from tasks.gpu import gpu_slot
 
 EVAL_CODE = (
     "qtsplus.evaluation.config", "qtsplus.evaluation.harness", "qtsplus.evaluation.metrics",
@@ -54,7 +55,8 @@ def eval_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
 
 @task(name="evaluate-run", persist_result=True, retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
 def evaluate_run(cfg: EvalConfig, checkpoint_fp: str, data_fp: str) -> EvalSummary:
-    return evaluate_checkpoint(cfg, progress=False)
+    with gpu_slot():
+        return evaluate_checkpoint(cfg, progress=False)
 
 
 def cached_evaluate_run(out: Path) -> Any:

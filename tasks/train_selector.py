@@ -24,6 +24,7 @@ from qtsplus.training.config import TrainConfig
 from qtsplus.training.curves import plot_curves
 from qtsplus.training.launch import TrainResult, read_metrics, run_training
 from tasks.build_dataset import is_transient, result_storage
+from tasks.gpu import gpu_slot
 
 TRAINING_CODE = (
     "qtsplus.training.config", "qtsplus.training.data", "qtsplus.training.model", "qtsplus.training.loop",
@@ -50,8 +51,9 @@ def training_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
 
 @task(name="train-selector-run", persist_result=True, retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
 def train_run(cfg: TrainConfig, dataset_fp: str) -> TrainResult:
-    """Run the training (deepspeed launcher subprocess; resumes from the newest checkpoint)."""
-    return run_training(cfg)
+    """Run the training (deepspeed launcher subprocess; resumes from the newest checkpoint), holding its GPU slots."""
+    with gpu_slot(occupy=(cfg.launcher.num_gpus or 1) * cfg.launcher.num_nodes):
+        return run_training(cfg)
 
 
 def cached_train_run(out: Path) -> Any:

@@ -117,3 +117,21 @@ def test_methods_are_ordered_and_checked() -> None:
         ordered_methods(["qtsplus", "magic"])
     assert rouge_l("a man rides a bike", "a man rides a red bike") == pytest.approx(2 * 1 * (5 / 6) / (1 + 5 / 6))
     assert rouge_l("", "x") == 0.0
+
+
+def test_flexselect_and_vqtoken_plug_into_the_harness_at_equal_budgets(evaluated, tmp_path: Path) -> None:
+    from qtsplus.evaluation.config import EvalConfig
+    from qtsplus.evaluation.evaluate import evaluate_checkpoint, read_predictions
+
+    data, out, _, _ = evaluated
+    checkpoint = json.loads((out / "eval-config.json").read_text())["checkpoint"]
+    cfg = EvalConfig.preset("smoke", data=str(data), checkpoint=checkpoint, out=str(tmp_path / "r"), max_vqa=2,
+                            methods=["qtsplus", "flexselect", "vqtoken"], latency_frames=[],
+                            method_options={"flexselect": {"reference_layer": 1}})  # the tiny LM has 2 layers
+    summary = evaluate_checkpoint(cfg, progress=False)
+    assert set(summary.tokdense) == {"qtsplus", "flexselect", "vqtoken"}
+    rows = read_predictions(tmp_path / "r")
+    kept = {(r.task, r.question_id): r.video_tokens_kept for r in rows if r.method == "qtsplus"}
+    for r in rows:
+        if r.method != "qtsplus":
+            assert r.budget == kept[(r.task, r.question_id)] and r.video_tokens_kept == r.budget

@@ -6,6 +6,11 @@ off, `qtsplus` the checkpoint's selector with its own adaptive budget; any other
 of the QTSplus selector through `QTSplusForConditionalGeneration.use_method`. Comparators get, per question, the
 number of visual tokens QTSplus kept for it (equal budgets), or `EvalConfig.budget` when QTSplus is not evaluated.
 Samples run one at a time (batch 1), as latency is measured per sample.
+
+With `EvalConfig.features`, the MCQ forward of the checkpoint's methods (qtsplus, no_selection and the comparators)
+takes the video's cached vision features (`video_embeds`) when a lossless feature set of exactly this vision tower holds
+them: the numbers are the same, the vision tower does not run (and is not in the measured latency). The teacher (a
+stock model), the VQA generations and the latency sweep always decode the video.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from qtsplus.engines.chat import option_token_ids
 from qtsplus.engines.transformers_engine import TransformersEngine
 from qtsplus.evaluation.config import NO_SELECTION, QTSPLUS, TEACHER, EvalConfig
 from qtsplus.evaluation.metrics import rouge_l
+from qtsplus.features.store import open_feature_set, video_prompt_ids
 from qtsplus.prompts import mcq_user_prompt, vqa_user_prompt
 from qtsplus.shards import load_manifest, read_rows
 from qtsplus.video import SamplingConfig, VideoClip, load_video, resolve_video_path
@@ -39,7 +45,8 @@ def teacher_model_id(checkpoint: Path) -> str:
     record = checkpoint / "qtsplus_training.json"
     if not record.is_file():
         raise ValueError(f"{checkpoint}: no qtsplus_training.json; set EvalConfig.teacher_model")
-    return json.loads(record.read_text())["base_model"]
+    data = json.loads(record.read_text())
+    return data.get("teacher_model", data["base_model"])
 
 
 @dataclass
@@ -71,6 +78,8 @@ class Harness:
         self.engine.model.eval()
         self._teacher: TransformersEngine | None = None
         self._clips: dict[tuple[str, SamplingConfig], VideoClip] = {}
+        self.features = open_feature_set(cfg.features, self.data, self.sampling, self.engine.model.model.visual,
+                                         lossless=True)
 
     # --- methods ---------------------------------------------------------------------------------------------------
     def teacher(self) -> TransformersEngine:
@@ -136,10 +145,31 @@ class Harness:
         return {"video_tokens_in": m, "video_tokens_kept": m, "lm_tokens": int(batch["attention_mask"].sum()),
                 "rho": None}
 
+    def cached_batch(self, engine: TransformersEngine, user: str, video: str) -> dict | None:
+        """The batch `engine.collate([engine.encode(prompt)])` would give, with the video's cached features in place
+        of its pixels; None when the engine is not the checkpoint's or the video is not (verifiably) cached."""
+        if self.features is None or engine is not self.engine:
+            return None
+        cached = self.features.get(resolve_video_path(self.video_root, video))
+        if cached is None:
+            return None
+        ids = video_prompt_ids(engine.tokenizer, user, engine.video_token_id, cached.num_tokens)
+        if len(ids) >= engine.cfg.max_model_len:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit max_model_len={engine.cfg.max_model_len}")
+        input_ids = torch.tensor([ids])
+        batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                 "video_embeds": cached.features.to(engine.model.dtype), "video_grid_thw": cached.grid_thw,
+                 "second_per_grid_ts": torch.tensor([cached.second_per_grid_t]),
+                 "mm_token_type_ids": (2 * (input_ids == engine.video_token_id)
+                                       + (input_ids == engine.image_token_id)).int()}
+        return {k: v.to(engine.device) for k, v in batch.items()}
+
     def answer_mcq(self, run: MethodRun, q: VSCQ2Question, budget: int | None) -> tuple[EvalPrediction, dict]:
         engine = run.engine
-        prompt = Prompt(user=mcq_user_prompt(q.question, q.options.model_dump()), video=self.clip(q.video))
-        batch = engine.collate([engine.encode(prompt)])
+        user = mcq_user_prompt(q.question, q.options.model_dump())
+        batch = self.cached_batch(engine, user, q.video)
+        if batch is None:
+            batch = engine.collate([engine.encode(Prompt(user=user, video=self.clip(q.video)))])
         option_ids = torch.tensor(option_token_ids(engine.tokenizer, OPTION_KEYS), device=engine.device)
         with run.configure(budget), torch.inference_mode():
             _reset(engine)

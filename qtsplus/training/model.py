@@ -57,6 +57,15 @@ def merge_lora(module: nn.Module) -> int:
     return merged
 
 
+def teacher_of(base_model: str) -> str:
+    """The plain Qwen2.5-VL at the root of a chain of warm starts (a QTSplus base names its own teacher)."""
+    record = Path(base_model) / "qtsplus_training.json"
+    if record.is_file():
+        data = json.loads(record.read_text())
+        return data.get("teacher_model", data["base_model"])
+    return base_model
+
+
 def export_final(model: QTSplusForConditionalGeneration, tokenizer, cfg: TrainConfig, dest: Path) -> Path:
     """Write a `from_pretrained`-loadable QTSplus checkpoint (weights, config, tokenizer, training record)."""
     tmp = dest.with_name(dest.name + ".tmp")
@@ -66,8 +75,8 @@ def export_final(model: QTSplusForConditionalGeneration, tokenizer, cfg: TrainCo
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "qtsplus_training.json").write_text(json.dumps(
-        {"config": cfg.model_dump(mode="json"), "base_model": cfg.base_model, "variant": cfg.variant,
-         "rho_bar": float(model.selector.rho_bar)}, indent=2) + "\n")
+        {"config": cfg.model_dump(mode="json"), "base_model": cfg.base_model, "teacher_model": teacher_of(cfg.base_model),
+         "variant": cfg.variant, "rho_bar": float(model.selector.rho_bar)}, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
