@@ -103,8 +103,10 @@ def test_served_deployments_run_and_report_back_through_the_client(prefect_env, 
         assert run is not None and run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         assert load_manifest(root / "default", "vqa").read > 0
 
-        os.environ["PREFECT_API_URL"] = api  # the client of this test process talks to the same server
-        try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # the client of this test process talks to the same server (settings may be loaded already)
+        with temporary_settings(updates={PREFECT_API_URL: api}):
             from prefect.client.orchestration import get_client
             from prefect.client.schemas.filters import (
                 FlowRunFilter,
@@ -129,8 +131,6 @@ def test_served_deployments_run_and_report_back_through_the_client(prefect_env, 
                 counts = next(a for a in artifacts if a.key == "build-dataset-counts")
                 assert "vscq2" in str(counts.data) and "kept" in str(counts.data)
                 assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
-        finally:
-            del os.environ["PREFECT_API_URL"]
     finally:
         if serve is not None:
             _stop(serve)
