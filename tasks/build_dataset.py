@@ -9,7 +9,6 @@ dataset folder forgets its cache. A cached result whose files are gone or change
 from __future__ import annotations
 
 import pkgutil
-import sys
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -17,12 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
-from prefect.futures import as_completed
-from tqdm.auto import tqdm
 
 import qtsplus.engines
 from qtsplus import ingest
@@ -33,6 +29,7 @@ from qtsplus.stages.teacher import TeacherConfig, run_vqa_chunk, run_vscq2_chunk
 from qtsplus.stages.vscq1 import Vscq1Config, run_vscq1_chunk
 from qtsplus.workers import run_in_stage_worker
 from schemas import SCHEMA_VERSION
+from tasks.chunks import run_verified
 
 TRANSIENT_ERRORS = (OSError, TimeoutError, ConnectionError, BrokenProcessPool)
 _ENGINE_MODULES = tuple(
@@ -151,24 +148,5 @@ class StageRun:
 
 def run_chunk_tasks(stage: str, chunk_task: Any, out: Path, calls: list[dict[str, Any]], progress: bool = True) -> StageRun:
     """Submit one cached task per chunk, wait for all, and recompute any cached result whose files are gone."""
-    runnable = cached(chunk_task, out)
-    futures = {runnable.submit(**kwargs): i for i, kwargs in enumerate(calls)}
-    run = StageRun(stage)
-    by_index: dict[int, ChunkResult] = {}
-    bar = tqdm(total=len(calls), desc=f"{stage:>8}", unit="chunk", disable=not progress or not sys.stderr.isatty())
-    ui = create_progress_artifact(progress=0.0, description=f"{stage}: chunks done (%)") if calls else None
-    for future in as_completed(list(futures)):
-        i = futures[future]
-        result: ChunkResult = future.result()
-        state = future.state.name
-        if not chunk_files_intact(out, result):
-            result = runnable.with_options(refresh_cache=True).submit(**calls[i]).result()
-            state = "Recomputed"
-        by_index[i] = result
-        run.states[result.chunk] = state
-        bar.update(1)
-        if ui is not None:
-            update_progress_artifact(ui, progress=100.0 * len(run.states) / len(calls))
-    bar.close()
-    run.results = [by_index[i] for i in range(len(calls))]
-    return run
+    results, states = run_verified(cached(chunk_task, out), calls, lambda r: chunk_files_intact(out, r), stage, progress)
+    return StageRun(stage, results, {r.chunk: states[i] for i, r in enumerate(results)})

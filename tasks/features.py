@@ -10,7 +10,6 @@ result whose shard is missing or whose bytes no longer match the recorded sha256
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,9 +19,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
-from prefect.futures import as_completed
 from pydantic import BaseModel
-from tqdm.auto import tqdm
 
 from qtsplus.features.cache import (
     CODE_MODULES,
@@ -41,6 +38,7 @@ from qtsplus.fingerprint import code_version, fingerprint
 from qtsplus.shards import write_text_atomic
 from qtsplus.workers import run_in_stage_worker
 from tasks.build_dataset import is_transient, result_storage
+from tasks.chunks import run_verified
 
 STAGE = "features"
 
@@ -80,21 +78,10 @@ def run_feature_tasks(out: Path, calls: list[dict[str, Any]], progress: bool = T
     """One cached task per chunk; a cached result whose shard fails its checksum is recomputed, and so is every
     chunk when cached chunks disagree on the vision weights that computed them."""
     runnable = cached_feature_chunk(out)
-    futures = {runnable.submit(**kwargs): i for i, kwargs in enumerate(calls)}
+    results, states = run_verified(runnable, calls, lambda r: chunk_shards_verified(out, r), "features", progress)
     run = FeatureRun()
-    by_index: dict[int, FeatureChunkResult] = {}
-    bar = tqdm(total=len(calls), desc="features", unit="chunk", disable=not progress or not sys.stderr.isatty())
-    for future in as_completed(list(futures)):
-        i = futures[future]
-        result: FeatureChunkResult = future.result()
-        state = future.state.name
-        if not chunk_shards_verified(out, result):
-            result = runnable.with_options(refresh_cache=True).submit(**calls[i]).result()
-            state = "Recomputed"
-        by_index[i] = result
-        run.states[result.chunk] = state
-        bar.update(1)
-    bar.close()
+    by_index = dict(enumerate(results))
+    run.states = {r.chunk: states[i] for i, r in enumerate(results)}
     if len({r.vision_sha256 for r in by_index.values() if r.vision_sha256}) > 1:
         refreshed = runnable.with_options(refresh_cache=True)
         for i, kwargs in enumerate(calls):
