@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,6 +31,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import peak_memory, sync, timed  # noqa: E402
 from qtsplus.selector import QTSplusSelector, SelectorConfig  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, QUESTION = 2048, 16, 2, 11008, 36, 32
@@ -124,32 +122,6 @@ def prefill_layer_seconds(n: int, device: torch.device, dtype: torch.dtype, repe
     positions = torch.arange(n, device=device).view(1, 1, n).expand(3, 1, n)
     rope = Qwen2_5_VLRotaryEmbedding(text).to(device)(h, positions)
     return timed(lambda: layer(h, attention_mask=None, position_embeddings=rope), device, repeats)
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up
-    sync(device)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory(device: torch.device, reset: bool = False) -> int:
-    """Bytes: CUDA max_memory_allocated (reset -> current allocation); CPU peak RSS of this process."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def print_header(args: argparse.Namespace) -> None:

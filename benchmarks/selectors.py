@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +36,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.timing import peak_memory, sync, timed  # noqa: E402
 from qtsplus.selectors import SELECTORS, HostLM, SelectorInput, build_selector  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 2048, 16, 2, 11008, 36
@@ -154,30 +152,6 @@ def make_inputs(
         slots = (ids[0] == VIDEO).nonzero()[:, 0][None]
         inputs.host = HostLM(host.language_model, ids, torch.ones_like(ids), position_ids, slots, text_rows)
     return inputs
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory(device: torch.device, reset: bool = False) -> int:
-    """Bytes: CUDA max_memory_allocated (reset -> current allocation); CPU peak RSS of this process."""
-    if device.type == "cuda":
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 if __name__ == "__main__":

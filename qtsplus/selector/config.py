@@ -63,7 +63,12 @@ class SelectorConfig:
     @classmethod
     def from_text_config(cls, text_config: Any, **overrides: Any) -> SelectorConfig:
         """Shapes from a Qwen2.5-VL text config (heads and K/V heads = the LM's, so LM layers can initialise it)."""
-        shapes = dict(
+        return cls(**{**cls.shape_fields(text_config), **overrides})
+
+    @staticmethod
+    def shape_fields(text_config: Any) -> dict[str, Any]:
+        """The fields a selector takes from the LM it sits in front of."""
+        return dict(
             hidden_size=text_config.hidden_size,
             num_heads=text_config.num_attention_heads,
             num_kv_heads=text_config.num_key_value_heads,
@@ -71,7 +76,6 @@ class SelectorConfig:
             rms_norm_eps=text_config.rms_norm_eps,
             initializer_range=text_config.initializer_range,
         )
-        return cls(**{**shapes, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

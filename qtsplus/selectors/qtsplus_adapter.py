@@ -58,14 +58,7 @@ class QTSplusAdapter(Selector):
 
     @classmethod
     def shape_fields(cls, text_config: Any) -> dict[str, Any]:
-        return dict(
-            hidden_size=text_config.hidden_size,
-            num_heads=text_config.num_attention_heads,
-            num_kv_heads=text_config.num_key_value_heads,
-            intermediate_size=text_config.intermediate_size,
-            rms_norm_eps=text_config.rms_norm_eps,
-            initializer_range=text_config.initializer_range,
-        )
+        return SelectorConfig.shape_fields(text_config)
 
     def select(self, inputs: SelectorInput, n: Tensor, generator: torch.Generator | None) -> Selection:
         if self.training:
