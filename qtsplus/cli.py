@@ -29,10 +29,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    t = sub.add_parser("train-selector", help="DeepSpeed training of QTSplus on a built dataset")
+    t = sub.add_parser("train-selector", help="DeepSpeed training of QTSplus (or FlexSelect-Lite, VQToken) on a "
+                       "built dataset")
     t.add_argument("--data", required=True, help="dataset folder written by build-dataset")
     t.add_argument("--out", required=True, help="run folder (checkpoints, final/, metrics.jsonl, curves.png)")
-    t.add_argument("--preset", default="smoke", help="smoke | qtsplus-3b | qtsplus-3b-ft (default: smoke)")
+    t.add_argument("--preset", default="smoke", help="smoke | qtsplus-3b | qtsplus-3b-ft; other methods: "
+                   "smoke-flexselect-lite | smoke-vqtoken | flexselect-lite-3b | vqtoken-3b (default: smoke)")
     t.add_argument("--variant", choices=["selector", "selector+lm"], help="default: the preset's")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting by dotted key, e.g. --set max_steps=100 (repeatable)")

@@ -30,6 +30,7 @@ TRAINING_CODE = (
     "qtsplus.training.config", "qtsplus.training.data", "qtsplus.training.model", "qtsplus.training.loop",
     "qtsplus.training.launch", "qtsplus.selector.config", "qtsplus.selector.selector", "qtsplus.selector.losses",
     "qtsplus.selector.model", "qtsplus.engines.chat", "qtsplus.video", "qtsplus.prompts", "qtsplus.tiny",
+    "qtsplus.selectors.base", "qtsplus.selectors.flexselect", "qtsplus.selectors.vqtoken",
 )
 
 

@@ -5,7 +5,10 @@ off, `qtsplus` the checkpoint's selector with its own adaptive budget; any other
 `qtsplus.selectors` (uniform_frames, random_tokens, flexselect, vqtoken, ... or one registered later), run in place
 of the QTSplus selector through `QTSplusForConditionalGeneration.use_method`. Comparators get, per question, the
 number of visual tokens QTSplus kept for it (equal budgets), or `EvalConfig.budget` when QTSplus is not evaluated.
-Samples run one at a time (batch 1), as latency is measured per sample.
+A checkpoint trained with another method (train-selector's `method`: flexselect_lite, vqtoken) holds that method as
+its own selector: its name (and `qtsplus`, read as "the checkpoint's own selector") runs the trained weights at the
+checkpoint's trained budget, and the comparators get its kept counts. Samples run one at a time (batch 1), as latency
+is measured per sample.
 
 With `EvalConfig.features`, the MCQ forward of the checkpoint's methods (qtsplus, no_selection and the comparators)
 takes the video's cached vision features (`video_embeds`) when a lossless feature set of exactly this vision tower holds
@@ -89,14 +92,31 @@ class Harness:
                                                             dtype=self.cfg.dtype))
         return self._teacher
 
+    @property
+    def own_method(self) -> str:
+        """The checkpoint's own selector: `qtsplus`, or the method it was trained with (flexselect_lite, vqtoken)."""
+        model = self.engine.model
+        return QTSPLUS if model.uses_qtsplus else model.config.selection_method
+
+    def methods(self) -> list[str]:
+        """`cfg.methods` in run order, `qtsplus` read as the checkpoint's own selector (its trained method when it
+        holds another): the checkpoint's own selector first, its kept counts are the others' budgets."""
+        own = self.own_method
+        named = [own if m == QTSPLUS else m for m in self.cfg.methods]
+        if own != QTSPLUS and QTSPLUS in self.cfg.methods:
+            print(f"{self.cfg.checkpoint} holds a trained {own} selector: 'qtsplus' in methods evaluates it as {own}")
+        return ordered_methods(named, own=own)
+
     def method(self, name: str) -> MethodRun:
         model = self.engine.model
         if name == TEACHER:
             return MethodRun(self.teacher(), lambda budget: _nothing())
         if name == NO_SELECTION:
             return MethodRun(self.engine, lambda budget: _attr(model, selection=False))
-        if name == QTSPLUS:
+        if name == self.own_method:  # the trained selector, at its own (adaptive, or trained) budget
             return MethodRun(self.engine, lambda budget: _attr(model, selection=True))
+        if name == QTSPLUS:
+            raise ValueError(f"{self.cfg.checkpoint} holds a {self.own_method} selector, not QTSplus")
         from qtsplus.selectors import build_selector
 
         selector = build_selector(name, model.config.text_config, **self.cfg.method_options.get(name, {}))
@@ -230,14 +250,15 @@ def _attr(obj: object, **values: object) -> Iterator[None]:
             setattr(obj, k, v)
 
 
-def ordered_methods(methods: list[str]) -> list[str]:
-    """QTSplus first: the comparators' budgets are the token counts it kept."""
+def ordered_methods(methods: list[str], own: str = QTSPLUS) -> list[str]:
+    """The checkpoint's own selector (QTSplus, or the method it was trained with) first: the comparators' budgets are
+    the token counts it kept."""
     unknown = [m for m in methods if m not in (TEACHER, NO_SELECTION, QTSPLUS) and not _is_selector(m)]
     if unknown:
         from qtsplus.selectors import SELECTORS
 
         raise ValueError(f"unknown methods {unknown}; known: {TEACHER}, {NO_SELECTION}, {QTSPLUS}, {sorted(SELECTORS)}")
-    return sorted(dict.fromkeys(methods), key=lambda m: (m != QTSPLUS, methods.index(m)))
+    return sorted(dict.fromkeys(methods), key=lambda m: (m != own, methods.index(m)))
 
 
 def _is_selector(name: str) -> bool:
@@ -252,16 +273,17 @@ def run_predictions(harness: Harness, progress: Callable[[str, int, int], None] 
     mcq, vqa = harness.mcq_questions(), harness.vqa_answers()
     budgets: dict[tuple[str, str], int] = {}
     out: list[EvalPrediction] = []
-    for method in ordered_methods(cfg.methods):
+    primary = harness.own_method
+    for method in harness.methods():
         run = harness.method(method)
-        own = method in (TEACHER, NO_SELECTION, QTSPLUS)
+        own = method in (TEACHER, NO_SELECTION, primary)
         for task, items, answer in (("mcq", mcq, harness.answer_mcq), ("vqa", vqa, harness.answer_vqa)):
             if items:  # untimed warm-up: first calls pay for lazy initialisation, not for the method
                 answer(run, items[0], budgets.get((task, items[0].question_id), 1) if not own else None)
             for i, item in enumerate(items):
                 budget = None if own else budgets.get((task, item.question_id))
                 pred, stats = answer(run, item, budget)
-                if method == QTSPLUS:
+                if method == primary:
                     budgets[(task, item.question_id)] = int(stats["video_tokens_kept"])
                 if not own and budget is None:  # the fallback budget, resolved against this sample's M
                     budget = _resolve(cfg.budget, int(stats["video_tokens_in"]))
@@ -286,7 +308,7 @@ def latency_sweep(harness: Harness, question: VSCQ2Question, frames: list[int], 
                                   max_pixels=harness.sampling.max_pixels)
         prompt = Prompt(user=mcq_user_prompt(question.question, question.options.model_dump()),
                         video=harness.clip(question.video, sampling))
-        for method in (NO_SELECTION, QTSPLUS):
+        for method in (NO_SELECTION, harness.own_method):
             run = harness.method(method)
             batch = run.engine.collate([run.engine.encode(prompt)])
             with run.configure(None):

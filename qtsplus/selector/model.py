@@ -17,6 +17,11 @@ The prefill path, per batch:
    renumbered 0..S'-1. `rope_deltas` = max position + 1 - kept length, so that decoding continues at the position
    the unpruned prompt would have continued from.
 5. The LM runs on the shortened sequence; `labels` are shortened the same way.
+
+Step 3 can be another method of qtsplus.selectors: borrowed for evaluation (`use_method`), or the checkpoint's own
+selector when it was trained with one (`QTSplusConfig.selection_method`: flexselect_lite, vqtoken). Steps 4-5 are the
+same for every method. In training, a method whose objective is its own loss alone (FlexSelect-Lite) ends the
+forward after step 3.
 """
 
 from __future__ import annotations
@@ -41,12 +46,24 @@ QWEN2_5_VL_CHECKPOINT_KEYS = {
 }
 
 
+QTSPLUS_METHOD = "qtsplus"
+
+
 @strict
 class QTSplusConfig(Qwen2_5_VLConfig):
-    """Qwen2.5-VL's config plus the selector's (a `SelectorConfig` as a dict; None -> defaults shaped like the LM)."""
+    """Qwen2.5-VL's config plus the selection method between its vision tower and LM.
+
+    selection_method "qtsplus" (default): the QTSplus selector, configured by `selector_config` (a `SelectorConfig`
+    as a dict; None -> defaults shaped like the LM). Any other name of `qtsplus.selectors.SELECTORS` (a trainable
+    method: flexselect_lite, vqtoken): that selector, configured by `method_config` (its config dataclass as a dict;
+    None -> defaults shaped like the LM) and run with `method_budget` tokens (int) or ratio of M (float).
+    """
 
     model_type = "qtsplus_qwen2_5_vl"
     selector_config: dict | None = None
+    selection_method: str = QTSPLUS_METHOD
+    method_config: dict | None = None
+    method_budget: float | int | None = None
 
 
 @dataclass
@@ -72,11 +89,15 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             config.text_config, **(config.selector_config or {})
         )
         config.selector_config = self.selector_config.to_dict()
-        self.selector = QTSplusSelector(self.selector_config)
+        if config.selection_method == QTSPLUS_METHOD:
+            self.selector = QTSplusSelector(self.selector_config)
+        else:  # another trainable method of qtsplus.selectors is this checkpoint's selector
+            self.selector = build_method(config)
         self.selection = True  # False: skip the selector, keep every video token (exactly the base model)
         # inference only: another method of qtsplus.selectors (a `Selector`) and its per-call budget replace the
-        # QTSplus selector, so every method runs through the same vision tower, splice and LM (see `use_method`)
-        self.method = None
+        # checkpoint's selector, so every method runs through the same vision tower, splice and LM (`use_method`).
+        # Kept out of the module tree (a plain attribute): a borrowed method is not part of this checkpoint.
+        self.__dict__["method"] = None
         self.method_budget = None
         self.last_prefill: dict | None = None  # per-sample token counts of the last prefill (diagnostics)
         self.post_init()  # initialises only the selector: everything else is already marked initialised
@@ -91,6 +112,22 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             if module.config.init_from_lm:
                 module.init_from_decoder_layers(self.model.language_model.layers, copy_=init.copy_)
 
+    def _initialize_weights(self, module: torch.nn.Module, is_custom_code: bool = False) -> None:
+        # parts of other selectors with an init of their own (VQ-Attention's zero W_O): transformers marks a module
+        # that owns no tensors itself as done without calling `_init_weights`, so catch them here; their children
+        # (visited first) got the default init, `init_parameters` then applies its own through transformers' `init`
+        # functions, which leave loaded weights alone
+        if hasattr(module, "init_parameters") and not getattr(module, "_is_hf_initialized", False):
+            module.init_parameters(init)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
+
+    @property
+    def uses_qtsplus(self) -> bool:
+        """True when this checkpoint's own selector is the QTSplus selector (not another method of qtsplus.selectors)."""
+        return isinstance(self.selector, QTSplusSelector)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> QTSplusForConditionalGeneration:
         """transformers' from_pretrained; also reads base Qwen2.5-VL checkpoints, whose keys use the older layout
@@ -100,15 +137,23 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     @classmethod
     def from_qwen(
-        cls, base: Qwen2_5_VLForConditionalGeneration, **selector_config
+        cls,
+        base: Qwen2_5_VLForConditionalGeneration,
+        selection_method: str = QTSPLUS_METHOD,
+        method_config: dict | None = None,
+        method_budget: float | int | None = None,
+        **selector_config,
     ) -> QTSplusForConditionalGeneration:
-        """Wrap an in-memory Qwen2.5-VL: copy its weights, build the selector (from its decoder layers if they fit)."""
+        """Wrap an in-memory Qwen2.5-VL: copy its weights, build the selector (QTSplus from its decoder layers if they
+        fit, or another trainable method of qtsplus.selectors: `selection_method`, `method_config`, `method_budget`)."""
         base_config = {k: v for k, v in base.config.to_dict().items() if k != "model_type"}
-        model = cls(QTSplusConfig.from_dict({**base_config, "selector_config": selector_config}))
+        model = cls(QTSplusConfig.from_dict({
+            **base_config, "selector_config": selector_config, "selection_method": selection_method,
+            "method_config": method_config, "method_budget": method_budget}))
         model.to(device=base.device, dtype=base.dtype)
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("selector.") for k in missing), (missing, unexpected)
-        if model.selector_config.init_from_lm:
+        if model.uses_qtsplus and model.selector_config.init_from_lm:
             model.selector.init_from_decoder_layers(model.model.language_model.layers)
         return model
 
@@ -239,11 +284,16 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             question_mask = self.default_question_mask(input_ids, attention_mask, labels)
         q, q_mask = gather_rows(text_embeds[owner], question_mask.bool()[owner])  # [V, L, d], [V, L]
 
-        if self.method is None:
+        if self.method is None and self.uses_qtsplus:
             sel = self.selector(x, q, times, slot_mask, q_mask, generator=generator)
         else:
-            sel = self._run_method(x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner, slots,
-                                   input_ids, attention_mask, position_ids, question_mask, generator)
+            method, budget = self.method, self.method_budget
+            if method is None:  # this checkpoint's own (non-QTSplus) method, at its trained budget
+                method, budget = self.selector, self.config.method_budget
+            sel = self._run_method(method, budget, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts,
+                                   owner, slots, input_ids, attention_mask, position_ids, question_mask, generator)
+            if self.training and not method.lm_objective:  # e.g. FlexSelect-Lite: its rank loss is all it learns
+                return QTSplusOutput(loss=sel.loss, selection=sel)
 
         # splice: each kept video token replaces its own placeholder; pruned placeholders leave the sequence
         kept_rows = owner[:, None].expand_as(sel.indices)[sel.token_mask]  # [K]
@@ -308,15 +358,16 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return torch.split(video_embeds, sizes)
 
     def use_method(self, method, budget=None) -> None:
-        """Route selection through `method` (a `qtsplus.selectors.Selector`, or None for the QTSplus selector) with
-        `budget` (a `Budget`, an int token count or a ratio). Inference only; one video per sample."""
+        """Route selection through `method` (a `qtsplus.selectors.Selector`, possibly this checkpoint's own
+        `selector`, or None for the checkpoint's own selector at its own budget) with `budget` (a `Budget`, an int
+        token count or a ratio). Inference only; one video per sample. The method is not registered as a submodule."""
         if method is not None and self.training:
             raise RuntimeError("use_method is for evaluation: call model.eval() first")
-        self.method = method
+        self.__dict__["method"] = method
         self.method_budget = budget
 
-    def _run_method(self, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner, slots, input_ids,
-                    attention_mask, position_ids, question_mask, generator):
+    def _run_method(self, method, budget, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner, slots,
+                    input_ids, attention_mask, position_ids, question_mask, generator):
         from qtsplus.selectors.base import HostLM, SelectorInput
 
         if not torch.equal(owner, torch.arange(input_ids.shape[0], device=owner.device)):
@@ -325,12 +376,14 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         grid = video_grid_thw.cpu() // torch.tensor([1, merge, merge])  # [B, 3] in LM tokens
         seconds = 1.0 if second_per_grid_ts is None else second_per_grid_ts
         host = None
-        if getattr(self.method, "needs_host", False):
+        if method.needs_host:
             host = HostLM(language_model=self.model.language_model, input_ids=input_ids,
                           attention_mask=attention_mask, position_ids=position_ids, video_slots=slots,
                           text_rows=question_mask.bool())
         inputs = SelectorInput.from_grid(x, q, grid, seconds, q_mask=q_mask, host=host)
-        return self.method(inputs, self.method_budget, generator=generator)
+        if budget is None:
+            raise ValueError(f"no budget for selector {method.name!r}: pass one to use_method")
+        return method(inputs, budget, generator=generator)
 
     def token_times(self, video_grid_thw: Tensor, second_per_grid_ts: Tensor | None, width: int) -> Tensor:
         """[V, width]: each video token's time in seconds = its temporal patch index * seconds per temporal patch.
@@ -363,6 +416,34 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         if model_kwargs.get("mm_token_type_ids") is None and not inputs_tensor.is_floating_point():
             model_kwargs["mm_token_type_ids"] = self.mm_token_type_ids(inputs_tensor)
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+
+def build_method(config: QTSplusConfig):
+    """The checkpoint's own non-QTSplus selector (a trainable `qtsplus.selectors.Selector`) from its config; records
+    the complete method config (host shapes included) back into `config.method_config`."""
+    from dataclasses import asdict
+
+    from qtsplus.selectors import SELECTORS, build_selector
+
+    name = config.selection_method
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selection_method {name!r}; known: {sorted(SELECTORS)}")
+    if config.method_budget is None:
+        raise ValueError(f"selection_method {name!r} needs method_budget (tokens, or a ratio of M)")
+    method = build_selector(name, config.text_config, **(config.method_config or {}))
+    if not any(True for _ in method.parameters()):
+        raise ValueError(f"{name} has no parameters to train or store: evaluate it by name instead")
+    config.method_config = json_ready(asdict(method.config))
+    return method
+
+
+def json_ready(value):
+    """Tuples (dataclass fields such as grid shapes) as lists, so the config round-trips through config.json."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def video_slots(is_video: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:

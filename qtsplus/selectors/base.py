@@ -298,12 +298,19 @@ class Selector(nn.Module, ABC):
     budgeted: the method honours the budget: at most n output tokens per video (False only for `none`).
     fills_budget: it returns exactly n tokens per video (False for methods that pick their own count under the cap,
         or keep whole units such as frames).
+    lm_objective: in training, the host's LM loss on the answer is part of the objective (VQToken's VQ-Attention
+        learns through it). False: the method's own auxiliary losses are the whole objective and the host skips its LM
+        (FlexSelect-Lite learns the reference layer's ranking; top-k selection passes no gradient from the LM).
+
+    A method with parameters can be trained by train-selector (`TrainConfig.method`); it then becomes the checkpoint's
+    own selector (`QTSplusConfig.selection_method`). In training mode it returns its objective in `losses`.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type]
     needs_host: ClassVar[bool] = False
     budgeted: ClassVar[bool] = True
+    lm_objective: ClassVar[bool] = True
     fills_budget: bool = True
 
     def __init__(self, config: Any) -> None:

@@ -70,7 +70,10 @@ class FrameSetSelector(Selector):
     Subclasses say how a set is scored (`score_set`); `config.frames_per_set` bounds the set length in time steps."""
 
     def select(self, inputs: SelectorInput, n: Tensor, generator: torch.Generator | None) -> Selection:
-        scores = self.scores(inputs)  # [B, M]
+        return self.keep_top(inputs, n, self.scores(inputs))
+
+    def keep_top(self, inputs: SelectorInput, n: Tensor, scores: Tensor) -> Selection:
+        """Each set's budget share of its top-scored tokens (scores [B, M], each set scored on its own)."""
         keep = torch.zeros_like(inputs.x_mask)
         extras = []
         for b in range(inputs.x.shape[0]):
@@ -108,9 +111,19 @@ class FrameSetSelector(Selector):
 # FlexSelect: the host's reference layer
 
 
+PAPER_REFERENCE_DEPTH = 20 / 28  # the paper's reference layer for Qwen2.5-VL-7B: layer 20 of 28
+
+
+def reference_layer_for(text_config: Any) -> int:
+    """The default reference layer of a host: the paper's relative depth (20 of 28 for Qwen2.5-VL-7B), so 20 on the
+    7B and 26 of 36 on the 3B. A heuristic until the layer is chosen by Recall@K on the host (paper Sec. 3.2)."""
+    layers = text_config.num_hidden_layers
+    return min(layers - 1, round(PAPER_REFERENCE_DEPTH * layers))
+
+
 @dataclass
 class FlexSelectConfig:
-    reference_layer: int = 20  # the paper's layer for Qwen2.5-VL-7B (28 layers); pick per host by Recall@K
+    reference_layer: int = 20  # built from a host: its `reference_layer_for` (20 on Qwen2.5-VL-7B, 26 on -3B)
     frames_per_set: int = 32  # time steps per set (a Qwen2.5-VL step = 2 frames: the paper's 64 frames)
     reduce: str = "max"  # over heads and text rows: "max" (public code) or "mean" (paper text)
 
@@ -125,6 +138,10 @@ class FlexSelect(FrameSetSelector):
     name = "flexselect"
     config_class = FlexSelectConfig
     needs_host = True
+
+    @classmethod
+    def shape_fields(cls, text_config: Any) -> dict[str, Any]:
+        return dict(reference_layer=reference_layer_for(text_config))
 
     def score_set(self, inputs: SelectorInput, b: int, tokens: Tensor) -> Tensor:
         host = inputs.host
@@ -225,24 +242,68 @@ class FlexSelectLiteConfig:
     rms_norm_eps: float = 1e-6
     frames_per_set: int = 32
     tau: float = 0.1  # soft-rank temperature, in standard deviations of the ranker's scores
+    reference_layer: int = 20  # the teacher in training: FlexSelect at this layer of the host (its shape default)
+    reduce: str = "max"  # the teacher's reduction over heads and text rows
     grid_features: int = 16  # sinusoid features per grid axis (t, h, w)
     initializer_range: float = 0.02
 
 
 @register
 class FlexSelectLite(FrameSetSelector):
-    """FlexSelect's frame sets and shares, each set scored by `LiteRanker` instead of the host LM."""
+    """FlexSelect's frame sets and shares, each set scored by `LiteRanker` instead of the host LM.
+
+    In training mode (train-selector with method=flexselect_lite) it needs the host: each frame set is also scored by
+    the teacher (FlexSelect at `reference_layer`, no gradient), the loss "rank" is the Spearman loss of the ranker's
+    soft ranks against the teacher's ranks, averaged over the batch's frame sets, and each video's extras carry the
+    hard Spearman correlation. The tokens it keeps are the ranker's choice, as at inference. The host's LM loss plays
+    no part (`lm_objective` False).
+    """
 
     name = "flexselect_lite"
     config_class = FlexSelectLiteConfig
+    lm_objective = False
 
     def __init__(self, config: FlexSelectLiteConfig) -> None:
         super().__init__(config)
         self.ranker = LiteRanker(config)
 
+    @property
+    def needs_host(self) -> bool:  # the teacher runs the host's layers; inference does not
+        return self.training
+
     @classmethod
     def shape_fields(cls, text_config: Any) -> dict[str, Any]:
-        return dict(hidden_size=text_config.hidden_size)
+        return dict(hidden_size=text_config.hidden_size, reference_layer=reference_layer_for(text_config))
+
+    def teacher(self) -> FlexSelect:
+        """FlexSelect with this ranker's frame sets, reference layer and reduction: what the ranker imitates."""
+        cfg = self.config
+        return FlexSelect(FlexSelectConfig(cfg.reference_layer, cfg.frames_per_set, cfg.reduce))
+
+    def select(self, inputs: SelectorInput, n: Tensor, generator: torch.Generator | None) -> Selection:
+        if not self.training:
+            return super().select(inputs, n, generator)
+        teacher = self.teacher().scores(inputs)  # [B, M], no gradient
+        student = torch.zeros_like(teacher)
+        losses, extras = [], []
+        for b in range(inputs.x.shape[0]):
+            correlations = []
+            for tokens in self.sets(inputs, b):
+                if len(tokens) < 2:  # a single token has no ranking to learn
+                    continue
+                s, t = self.score_set(inputs, b, tokens)[None], teacher[b, tokens][None]  # [1, m]
+                ones = torch.ones_like(t, dtype=torch.bool)
+                losses.append(spearman_loss(s, t, ones, self.config.tau))
+                correlations.append(float(spearman(s.detach(), t, ones)))
+                student[b, tokens] = s.detach()[0]
+            extras.append(dict(spearman=sum(correlations) / len(correlations) if correlations else math.nan))
+        sel = self.keep_top(inputs, n, student)
+        for row, extra in zip(sel.extras, extras, strict=True):
+            row.update(extra)
+        # no set with two tokens: a zero loss that still touches every weight (so each rank's backward has a graph)
+        zero = sum(p.sum() for p in self.parameters()) * 0.0
+        sel.losses["rank"] = torch.stack(losses).mean() if losses else zero
+        return sel
 
     def score_set(self, inputs: SelectorInput, b: int, tokens: Tensor) -> Tensor:
         q = inputs.q[b : b + 1, inputs.q_mask[b]]  # [1, L, d]
@@ -273,13 +334,18 @@ class LiteRanker(nn.Module):
         self.blocks = nn.ModuleList(Block(block_config, cross=False) for _ in range(config.num_layers))
         self.norm = RMSNorm(r, config.rms_norm_eps)
         self.head = nn.Linear(r, 1)
-        self.apply(self._init_weights)
+        self.init_parameters()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_parameters(self, init=nn.init) -> None:
+        """Normal(0, initializer_range) weights, zero biases, unit norms. `init`: torch.nn.init, or transformers'
+        flag-respecting copy when a host model initialises its missing weights."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                init.ones_(module.weight)
 
     def forward(self, x: Tensor, x_mask: Tensor, q: Tensor, q_mask: Tensor, positions: Tensor) -> Tensor:
         """x [B, M, d], q [B, L, d], positions [B, M, 3] -> scores [B, M] float32 (padding: arbitrary)."""

@@ -239,13 +239,19 @@ class VQAttention(nn.Module):
         self.k_proj = nn.Linear(d, d, bias=False)
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+        self.init_parameters()
+
+    def init_parameters(self, init=nn.init) -> None:
+        """Normal(0, initializer_range) weights, zero biases; W_O zero in residual mode (an untrained VQ-Attention
+        passes the codebook through). `init`: torch.nn.init, or transformers' flag-respecting copy when a host model
+        initialises its missing weights (QTSplusForConditionalGeneration._init_weights)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=config.initializer_range)
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
                 if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        if config.residual:  # an untrained VQ-Attention passes the codebook through
-            nn.init.zeros_(self.o_proj.weight)
+                    init.zeros_(module.bias)
+        if self.config.residual:
+            init.zeros_(self.o_proj.weight)
 
     def forward(self, codebook: Tensor, occupancy: Tensor, mask: Tensor) -> Tensor:
         """codebook [B, K, d], occupancy [B, K, P], mask [B, K] -> [B, K, d]."""

@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from qtsplus.config import REPO_ROOT
 from qtsplus.video import SamplingConfig
 
 Variant = Literal["selector", "selector+lm"]
+TRAINABLE_METHODS = ("flexselect_lite", "vqtoken")  # besides qtsplus: the selectors of qtsplus.selectors with weights
 
 
 class LoraSettings(BaseModel):
@@ -41,6 +42,13 @@ class TrainConfig(BaseModel):
     video_root: str | None = Field(None, description="default: the video root recorded in the dataset's manifest")
     base_model: str = Field("tiny/qwen2.5-vl", description="Qwen2.5-VL checkpoint (hub id, path or tiny/...)")
     base_revision: str | None = None
+    method: str = Field("qtsplus", description="what trains between the vision tower and the LM: 'qtsplus', or "
+                        "a trainable method of qtsplus.selectors ('flexselect_lite', 'vqtoken'), which then becomes "
+                        "the checkpoint's selector (docs/selectors.md, Training)")
+    method_options: dict[str, Any] = Field(default_factory=dict, description="config overrides of a non-QTSplus "
+                                           "method (e.g. reference_layer, mode, k_max); QTSplus uses `selector`")
+    method_budget: float | int = Field(0.25, description="a non-QTSplus method's budget in training and as the "
+                                       "checkpoint's default: tokens (int) or a ratio of M (float)")
     variant: Variant = "selector"
     lora: LoraSettings | None = None
     selector: dict[str, Any] = Field(default_factory=dict, description="SelectorConfig overrides (rho_min, tau_s, ...)")
@@ -71,6 +79,32 @@ class TrainConfig(BaseModel):
     deepspeed_config: str = "infra/deepspeed/zero1.json"
     launcher: LauncherSettings = LauncherSettings()
 
+    @model_validator(mode="after")
+    def _check_method(self) -> TrainConfig:
+        """Fail before any launch on a method that cannot train as asked."""
+        from qtsplus.selectors import SELECTORS
+
+        if self.method != "qtsplus":
+            if self.method not in SELECTORS:
+                raise ValueError(f"unknown method {self.method!r}; trainable: qtsplus, {', '.join(TRAINABLE_METHODS)}")
+            if self.method not in TRAINABLE_METHODS:
+                raise ValueError(f"{self.method} has nothing to train; evaluate it by name (trainable: qtsplus, "
+                                 f"{', '.join(TRAINABLE_METHODS)})")
+            if self.selector:
+                raise ValueError("`selector` configures QTSplus; give a method's options in `method_options` (presets "
+                                 "for other methods: smoke-flexselect-lite, smoke-vqtoken, flexselect-lite-3b, "
+                                 "vqtoken-3b)")
+            if not SELECTORS[self.method].lm_objective and self.variant != "selector":
+                raise ValueError(f"{self.method} learns from its own loss only, the LM gets no gradient: use variant "
+                                 "'selector'")
+        elif self.method_options:
+            raise ValueError("`method_options` configures a non-QTSplus method; QTSplus takes `selector`")
+        if isinstance(self.method_budget, float) and not 0.0 < self.method_budget <= 1.0:
+            raise ValueError(f"method_budget {self.method_budget}: a ratio must be in (0, 1]")
+        if isinstance(self.method_budget, int) and self.method_budget < 1:
+            raise ValueError(f"method_budget {self.method_budget}: a token count must be >= 1")
+        return self
+
     @classmethod
     def preset(cls, name: str, **fields: Any) -> TrainConfig:
         if name not in TRAIN_PRESETS:
@@ -93,11 +127,43 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
         "shuffle_buffer": 16,
     },
+    # The other trainable methods on the same tiny model (reference layer 1 of 2; K up to the budget).
+    "smoke-flexselect-lite": {
+        "base_model": "tiny/qwen2.5-vl", "method": "flexselect_lite", "method_budget": 0.25,
+        "method_options": {"ranker_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+                           "intermediate_size": 64, "frames_per_set": 2},
+        "video": {"fps": 1.0, "min_frames": 2, "max_frames": 8, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
+        "shuffle_buffer": 16,
+    },
+    "smoke-vqtoken": {
+        "base_model": "tiny/qwen2.5-vl", "method": "vqtoken", "method_budget": 8,
+        "method_options": {"map_grid": [2, 2, 2], "map_hidden": 32, "kmeans_restarts": 1},
+        "video": {"fps": 1.0, "min_frames": 2, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
+        "shuffle_buffer": 16,
+    },
     # QTSplus-3B (selector only) and -3B-FT (selector + LM), paper Sec. 4.2 and the public training script.
     "qtsplus-3b": {
         "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "variant": "selector",
         "selector": {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 2560,
                      "lambda_t": 0.1, "lambda_m": 0.17, "lambda_s": 0.05},
+        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-4, "warmup_steps": 500,
+        "checkpoint_every": 500,
+    },
+    # FlexSelect-Lite on the 3B host: the ranker imitates the reference layer's ranking (paper: lr 1e-5, cosine,
+    # 64 frames per set = 32 Qwen2.5-VL time steps, 1-3 epochs); the reference layer is the host's default.
+    "flexselect-lite-3b": {
+        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "method": "flexselect_lite", "variant": "selector",
+        "method_options": {"frames_per_set": 32}, "method_budget": 0.0625,
+        "video": {"fps": 1.0, "max_frames": 64, "max_pixels": 360 * 420},
+        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 500,
+        "checkpoint_every": 500,
+    },
+    # VQToken on the 3B host: VQ-Attention learns through the LM loss with the LM frozen, adaptive K (12..32).
+    "vqtoken-3b": {
+        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "method": "vqtoken", "variant": "selector",
+        "method_options": {"mode": "adaptive", "k_min": 12, "k_max": 32}, "method_budget": 32,
         "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-4, "warmup_steps": 500,
         "checkpoint_every": 500,
     },

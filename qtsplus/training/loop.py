@@ -6,7 +6,8 @@ It resumes from the newest checkpoint in RUN/checkpoints when there is one (the 
 rho_bar and data position continue), logs one JSON line per step to RUN/metrics.jsonl (rank 0), checkpoints every
 `checkpoint_every` steps, and exports RUN/final (a QTSplus checkpoint for `from_pretrained`) at the end.
 Loss (paper Eq. 2-5): token cross-entropy on the answer (the option letter for MCQ, the teacher's answer for VQA)
-+ lambda_t (rho M)^2/n_max^2 + lambda_m rho M/n_max + lambda_s (rho - rho_bar)^2.
++ lambda_t (rho M)^2/n_max^2 + lambda_m rho M/n_max + lambda_s (rho - rho_bar)^2. With another method
+(`TrainConfig.method`): VQToken trains on the cross-entropy alone, FlexSelect-Lite on its Spearman rank loss alone.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import resource
 import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qtsplus.features.store import open_feature_set
@@ -92,23 +95,34 @@ def peak_memory_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def step_metrics(out, cfg_sel, rho_bar: torch.Tensor) -> dict[str, float]:
-    """Loss terms and the budget statistics of one forward (paper: log r, rho, n)."""
+def step_metrics(out, model) -> dict[str, float]:
+    """Loss terms and the budget statistics of one forward. QTSplus (paper: log r, rho, n): the Eq. 5 terms, rho,
+    rho_bar, n. Another method: each auxiliary loss as `<name>_loss`, tokens in and kept, and its numeric
+    per-video diagnostics averaged (FlexSelect-Lite: spearman with its teacher; VQToken: num_clusters)."""
     sel = out.selection
     m = {"loss": float(out.loss), "lm_loss": float(out.lm_loss) if out.lm_loss is not None else float("nan")}
-    if sel is not None:
-        rho, M = sel.rho.detach().float(), sel.num_tokens.float()
-        m.update(
-            budget_loss=float(sel.loss) if sel.loss is not None else 0.0,
-            attention_cost=float(attention_cost(rho, M, cfg_sel.n_max).mean()),
-            memory_cost=float(memory_cost(rho, M, cfg_sel.n_max).mean()),
-            budget_prior=float(budget_prior(rho, rho_bar.float()).mean()),
-            rho=float(rho.mean()),
-            n=float(sel.budget.float().mean()),
-            kept_fraction=float((sel.num_kept.float() / M).mean()),
-            tokens_in=float(M.mean()),
-            rho_bar=float(rho_bar),
-        )
+    if sel is None:
+        return m
+    M = sel.num_tokens.float()
+    m.update(kept_fraction=float((sel.num_kept.float() / M).mean()), tokens_in=float(M.mean()))
+    if not model.uses_qtsplus:
+        m.update({f"{name}_loss": float(value) for name, value in sel.losses.items()}, n=float(sel.budget.float().mean()))
+        for key in sel.extras[0] if sel.extras else ():
+            values = [row[key] for row in sel.extras]
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                m[key] = float(np.nanmean(values)) if not all(math.isnan(v) for v in values) else math.nan
+        return m
+    cfg_sel, rho_bar = model.selector.config, model.selector.rho_bar
+    rho = sel.rho.detach().float()
+    m.update(
+        budget_loss=float(sel.loss) if sel.loss is not None else 0.0,
+        attention_cost=float(attention_cost(rho, M, cfg_sel.n_max).mean()),
+        memory_cost=float(memory_cost(rho, M, cfg_sel.n_max).mean()),
+        budget_prior=float(budget_prior(rho, rho_bar.float()).mean()),
+        rho=float(rho.mean()),
+        n=float(sel.budget.float().mean()),
+        rho_bar=float(rho_bar),
+    )
     return m
 
 
@@ -140,7 +154,6 @@ def train(cfg: TrainConfig) -> None:
     video_root = Path(cfg.video_root) if cfg.video_root else default_video_root(Path(cfg.data))
     collator = Collator(tokenizer, model.config, video_root, cfg.video, features=features)
     data = batches(cfg, collator, rank, world, skip_batches=start * cfg.grad_accum)
-    sel_cfg = engine.module.selector.config
     dtype = next(engine.module.parameters()).dtype
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -155,7 +168,7 @@ def train(cfg: TrainConfig) -> None:
             out = engine(**batch, generator=gate_generator(cfg.seed, step, micro, rank))
             engine.backward(out.loss)
             engine.step()
-            logs.append(step_metrics(out, sel_cfg, engine.module.selector.rho_bar))
+            logs.append(step_metrics(out, engine.module))
             kinds += batch_kinds
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
             row = {k: sum(m[k] for m in logs) / len(logs) for k in logs[0]}

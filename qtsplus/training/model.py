@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtsplus.selector.model import QTSplusForConditionalGeneration, register_auto_classes
+from qtsplus.selector.model import QTSPLUS_METHOD, QTSplusForConditionalGeneration, register_auto_classes
 from qtsplus.tiny import TINY_MODEL_IDS, resolve_model
 from qtsplus.training.config import TrainConfig
 
 
 def build_model(cfg: TrainConfig) -> tuple[QTSplusForConditionalGeneration, object]:
-    """(model, tokenizer). Variant `selector`: vision tower and LM frozen. `selector+lm`: the LM trains too (all of
+    """(model, tokenizer). `cfg.method` picks the selector that trains (QTSplus, or a trainable method of
+    qtsplus.selectors, built fresh or continued from a checkpoint of the same method). Variant `selector`: vision tower
+    and LM frozen. `selector+lm`: the LM trains too (all of
     it, or only LoRA adapters when `cfg.lora` is set). The vision tower is always frozen (paper Sec. 4.2)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -26,8 +28,13 @@ def build_model(cfg: TrainConfig) -> tuple[QTSplusForConditionalGeneration, obje
     kwargs = {"revision": None if cfg.base_model in TINY_MODEL_IDS else revision}
     base_config = AutoConfig.from_pretrained(path, **kwargs)
     selector_config = dict(getattr(base_config, "selector_config", None) or {}) | cfg.selector  # continue or start
+    method = {"selection_method": cfg.method}
+    if cfg.method != QTSPLUS_METHOD:  # a warm start from a checkpoint of the same method continues its config
+        same = getattr(base_config, "selection_method", QTSPLUS_METHOD) == cfg.method
+        previous = dict(getattr(base_config, "method_config", None) or {}) if same else {}
+        method |= {"method_config": previous | cfg.method_options, "method_budget": cfg.method_budget}
     model = QTSplusForConditionalGeneration.from_pretrained(
-        path, selector_config=selector_config, dtype=torch.float32, **kwargs
+        path, selector_config=selector_config, dtype=torch.float32, **method, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model.freeze_base(train_lm=cfg.variant == "selector+lm" and cfg.lora is None)
@@ -76,7 +83,8 @@ def export_final(model: QTSplusForConditionalGeneration, tokenizer, cfg: TrainCo
     tokenizer.save_pretrained(tmp)
     (tmp / "qtsplus_training.json").write_text(json.dumps(
         {"config": cfg.model_dump(mode="json"), "base_model": cfg.base_model, "teacher_model": teacher_of(cfg.base_model),
-         "variant": cfg.variant, "rho_bar": float(model.selector.rho_bar)}, indent=2) + "\n")
+         "variant": cfg.variant, "method": cfg.method,
+         "rho_bar": float(model.selector.rho_bar) if model.uses_qtsplus else None}, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
