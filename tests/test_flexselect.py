@@ -187,3 +187,46 @@ def test_lite_training_raises_spearman_with_the_teacher(host):
     # the trained ranker drives selection through the contract
     out = lite.eval()(inputs, 0.25)
     assert out.num_kept.tolist() == [16, 4]
+
+
+# ---------------------------------------------------------------------------------------------- reference layer
+
+
+def test_scores_at_every_layer_in_one_pass_equal_flexselect_at_each(host):
+    from qtsplus.selectors.reference_layer import scores_by_layer
+
+    inputs = qwen_inputs(host)
+    by_layer = scores_by_layer(inputs, [0, 1], frames_per_set=2)  # several frame sets per video
+    for layer in (0, 1):
+        expected = build_selector("flexselect", reference_layer=layer, frames_per_set=2).scores(inputs)
+        torch.testing.assert_close(by_layer[layer], expected, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(by_layer[0], by_layer[1])
+
+
+def test_recall_at_k_finds_the_layer_that_reads_the_needles(host):
+    from qtsplus.selectors.reference_layer import recall_at_k, scores_by_layer
+
+    model, inputs, needles = plant_needles(host, reference_layer=1)
+    is_needle = torch.zeros_like(inputs.x_mask)
+    is_needle[0, needles] = True
+    scores = scores_by_layer(inputs, [0, 1], frames_per_set=8)
+    assert float(recall_at_k(scores[1], is_needle, inputs.x_mask)[0]) == 1.0
+    assert float(recall_at_k(scores[0], is_needle, inputs.x_mask)[0]) < 1.0
+    uniform = torch.zeros_like(scores[1])
+    assert float(recall_at_k(-uniform.index_fill(1, needles, 1.0), is_needle, inputs.x_mask)[0]) == 0.0
+
+
+def test_insert_needle_replaces_exactly_the_needle_steps():
+    import numpy as np
+
+    from qtsplus.selectors.reference_layer import insert_needle
+    from qtsplus.video import VideoClip
+
+    hay = VideoClip(frames=np.zeros((8, 56, 84, 3), np.uint8), timestamps=np.arange(8.0), native_fps=1.0, source="h")
+    needle = VideoClip(frames=np.full((5, 28, 28, 3), 200, np.uint8), timestamps=np.arange(5.0), native_fps=1.0,
+                       source="n")
+    clip = insert_needle(hay, needle, start_step=1, steps=2)
+    assert clip.frames.shape == hay.frames.shape and np.array_equal(clip.timestamps, hay.timestamps)
+    assert (clip.frames[2:6] == 200).all() and (clip.frames[:2] == 0).all() and (clip.frames[6:] == 0).all()
+    with pytest.raises(ValueError, match="outside"):
+        insert_needle(hay, needle, start_step=3, steps=2)

@@ -2,7 +2,7 @@
 ranker that imitates it). Paper: "FlexSelect: Flexible Token Selection for Efficient Long Video Understanding".
 
 Top-down: `FrameSetSelector` (frame sets -> per-set budget shares -> top tokens of each set, merged in order)
--> `FlexSelect.score_set` (the host's reference layer: `hidden_states_before`, `reference_layer_scores`,
+-> `FlexSelect.score_set` (the host's reference layer: `layer_inputs`, `reference_layer_scores`,
 `text_to_video_attention`) | `FlexSelectLite.score_set` (`LiteRanker`) -> Lite training: `soft_rank`,
 `spearman_loss`, `lite_train_step`.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,12 @@ class FlexSelect(FrameSetSelector):
         return dict(reference_layer=reference_layer_for(text_config))
 
     def score_set(self, inputs: SelectorInput, b: int, tokens: Tensor) -> Tensor:
+        layer = self.config.reference_layer
+        return self.score_set_at_layers(inputs, b, tokens, [layer])[layer]
+
+    def score_set_at_layers(self, inputs: SelectorInput, b: int, tokens: Tensor, layers: list[int]) -> dict[int, Tensor]:
+        """The set's scores [m] at each of `layers` (one pass through the host up to the deepest): what choosing the
+        reference layer compares (qtsplus.selectors.reference_layer)."""
         host = inputs.host
         lm = host.language_model
         # the set's sequence: the prompt without the other sets' placeholders; every token keeps its full-prompt id
@@ -159,18 +166,22 @@ class FlexSelect(FrameSetSelector):
         embeds = lm.embed_tokens(host.input_ids[b, src])  # [S, d]
         embeds[video_rows] = inputs.x[b, tokens].to(embeds.dtype)  # slots ascend with the token index
         position_ids = host.position_ids[:, b, src][:, None]  # [3, 1, S]
-        hidden, rope = hidden_states_before(lm, embeds[None], position_ids, self.config.reference_layer)
-        return reference_layer_scores(
-            lm.layers[self.config.reference_layer], hidden, rope, text_rows, video_rows, self.config.reduce
-        )
+        wanted, scores = set(layers), {}
+        for layer, hidden, rope in layer_inputs(lm, embeds[None], position_ids, max(layers)):
+            if layer in wanted:
+                scores[layer] = reference_layer_scores(
+                    lm.layers[layer], hidden, rope, text_rows, video_rows, self.config.reduce
+                )
+        return scores
 
 
-def hidden_states_before(
-    lm: nn.Module, embeds: Tensor, position_ids: Tensor, layer: int
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """Run the host's decoder layers [0, layer) (transformers' own modules: causal mask, multimodal rotary, layers).
-    embeds [1, S, d], position_ids [3, 1, S] -> hidden states entering `layer` [1, S, d], and (cos, sin) [1, S, d_h]."""
-    assert layer < len(lm.layers), f"reference layer {layer} but the host has {len(lm.layers)} layers"
+def layer_inputs(
+    lm: nn.Module, embeds: Tensor, position_ids: Tensor, last: int
+) -> Iterator[tuple[int, Tensor, tuple[Tensor, Tensor]]]:
+    """Run the host's decoder layers (transformers' own modules: causal mask, multimodal rotary, layers) and yield,
+    for each layer 0..last, (layer, the hidden states entering it [1, S, d], (cos, sin) [1, S, d_h]).
+    embeds [1, S, d], position_ids [3, 1, S]. Layer `last` itself is not run."""
+    assert last < len(lm.layers), f"reference layer {last} but the host has {len(lm.layers)} layers"
     assert not lm.has_sliding_layers, "sliding-window layers are not supported"
     rope = lm.rotary_emb(embeds, position_ids)
     mask = create_causal_mask(
@@ -180,9 +191,10 @@ def hidden_states_before(
         past_key_values=None,
     )
     hidden = embeds
-    for block in lm.layers[:layer]:
-        hidden = block(hidden, attention_mask=mask, position_embeddings=rope)
-    return hidden, rope
+    for layer in range(last + 1):
+        yield layer, hidden, rope
+        if layer < last:
+            hidden = lm.layers[layer](hidden, attention_mask=mask, position_embeddings=rope)
 
 
 def reference_layer_scores(
