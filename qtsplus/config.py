@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +57,10 @@ def _plain(obj: Any) -> Any:
 
 
 def apply_overrides(config: M, assignments: list[str]) -> M:
-    """Set dotted keys from `key=value` strings; values parse as JSON when they can, else stay strings."""
+    """Set dotted keys from `key=value` strings; values parse as JSON when they can, else stay strings.
+
+    A key must name an existing setting, except inside a free-form dict setting (e.g. TrainConfig.method_options,
+    TrainConfig.selector, EvalConfig.method_options), where new keys (and sections) are added."""
     data = config.model_dump(mode="json")
     for item in assignments:
         key, sep, raw = item.partition("=")
@@ -66,16 +72,44 @@ def apply_overrides(config: M, assignments: list[str]) -> M:
             value = raw
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        free = _free_form_depth(type(config), parts)  # parts[:free] lead into a free-form dict
+        for depth, part in enumerate(parts[:-1], start=1):
+            if free is not None and depth > free and part not in node:
+                node[part] = {}
             if not isinstance(node.get(part), dict):
                 raise ValueError(f"override {key!r}: {part!r} is not a section")
             node = node[part]
-        if parts[-1] not in node:
+        if parts[-1] not in node and free is None:
             raise ValueError(f"override {key!r}: no such setting")
-        if value is None and isinstance(node[parts[-1]], str):
+        if value is None and isinstance(node.get(parts[-1]), str):
             value = raw  # "null" for a string setting is the word, not JSON null (e.g. backend=null)
         node[parts[-1]] = value
     return type(config).model_validate(data)
+
+
+def _free_form_depth(cls: type, parts: list[str]) -> int | None:
+    """How many leading parts of a dotted key lead to a setting typed as a plain dict (free-form keys), if any."""
+    for depth, part in enumerate(parts[:-1], start=1):
+        fields = getattr(cls, "model_fields", None)
+        if fields is not None:
+            if part not in fields:
+                return None
+            annotation = fields[part].annotation
+        elif dataclasses.is_dataclass(cls):
+            by_name = {f.name: f for f in dataclasses.fields(cls)}
+            if part not in by_name:
+                return None
+            annotation = typing.get_type_hints(cls).get(part, by_name[part].type)
+        else:
+            return None
+        options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (
+            annotation,)
+        if any(option is dict or typing.get_origin(option) is dict for option in options):
+            return depth
+        cls = next((o for o in options if isinstance(o, type) and o is not type(None)), None)
+        if cls is None:
+            return None
+    return None
 
 
 def _paper(teacher_model: str) -> dict:

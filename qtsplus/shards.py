@@ -199,8 +199,26 @@ def write_text_atomic(path: Path, text: str) -> Path:
     return path
 
 
+TRAINING_STAGES = ("captions", "vscq2", "vqa")  # what train-selector and evaluate read
+
+
 def load_manifest(root: Path, stage: str) -> StageManifest:
-    return StageManifest.model_validate(json.loads((root / stage / "manifest.json").read_text()))
+    return StageManifest.model_validate(json.loads(manifest_path(root, stage).read_text()))
+
+
+def manifest_path(root: Path, stage: str) -> Path:
+    """`<root>/<stage>/manifest.json`, or a FileNotFoundError that says what is missing and how to get it."""
+    path = Path(root) / stage / "manifest.json"
+    if not path.is_file():
+        what = "no such folder" if not Path(root).is_dir() else f"no {stage}/manifest.json"
+        raise FileNotFoundError(f"{root}: {what}; not a dataset finished by `qtsplus build-dataset --out {root}` "
+                                f"(its stage {stage!r} is missing)")
+    return path
+
+
+def manifest_digests(root: Path, stages: Iterable[str] = TRAINING_STAGES) -> dict[str, str]:
+    """sha256 of each stage's manifest (which lists its files' sha256): the identity of a dataset's content."""
+    return {stage: file_sha256(manifest_path(root, stage)) for stage in stages}
 
 
 def declared_schema(record: type[Record]) -> pa.Schema:

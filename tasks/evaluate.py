@@ -19,7 +19,7 @@ from prefect.context import TaskRunContext
 from qtsplus.evaluation.config import EvalConfig
 from qtsplus.evaluation.evaluate import PREDICTIONS, EvalSummary, evaluate_checkpoint
 from qtsplus.fingerprint import code_version, file_sha256, fingerprint
-from qtsplus.shards import write_text_atomic
+from qtsplus.shards import manifest_digests, write_text_atomic
 from tasks.build_dataset import is_transient, result_storage
 from tasks.gpu import gpu_slot
 
@@ -36,6 +36,8 @@ EVAL_CODE = (
 def checkpoint_fingerprint(checkpoint: str) -> str:
     """sha256 over the checkpoint's weight and config files."""
     root = Path(checkpoint)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint folder (train-selector exports RUN/final)")
     files = sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".json"))
     if not any(p.suffix == ".safetensors" for p in files):
         raise FileNotFoundError(f"{checkpoint}: no .safetensors weights")
@@ -44,8 +46,7 @@ def checkpoint_fingerprint(checkpoint: str) -> str:
 
 @task(name="eval-data-fingerprint", cache_policy=NO_CACHE)
 def eval_data_fingerprint(data: str) -> str:
-    root = Path(data)
-    return fingerprint([file_sha256(root / stage / "manifest.json") for stage in ("captions", "vscq2", "vqa")])
+    return fingerprint(list(manifest_digests(Path(data)).values()))
 
 
 def eval_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:

@@ -9,10 +9,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from qtsplus.fingerprint import file_sha256
 from qtsplus.inbox import Inbox, InboxFile
 from qtsplus.registry import Registry
 from qtsplus.retrain import RetrainConfig, decide
+from qtsplus.shards import manifest_digests
 
 
 @task(name="take-new-captions", cache_policy=NO_CACHE)
@@ -33,7 +33,7 @@ def record_version(config: RetrainConfig, version: str, parent: str | None, chec
     lineage = {
         "version": version, "parent": parent, "promoted": promote, "decision": why,
         "dataset": dataset,
-        "dataset_manifests": {s: file_sha256(Path(dataset) / s / "manifest.json") for s in ("captions", "vscq2", "vqa")},
+        "dataset_manifests": manifest_digests(Path(dataset)),
         "train_config": train_config, "new_caption_files": [f.model_dump() for f in new_files],
         "evaluation": candidate_eval, "compared_with": current_eval,
         "parent_metrics_on_this_eval": current,

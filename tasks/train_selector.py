@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.context import TaskRunContext
 
 from qtsplus.fingerprint import code_version, file_sha256, fingerprint
-from qtsplus.shards import write_text_atomic
+from qtsplus.shards import manifest_digests, write_text_atomic
 from qtsplus.tiny import resolve_model
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.curves import plot_curves
@@ -37,8 +37,7 @@ TRAINING_CODE = (
 @task(name="dataset-fingerprint", cache_policy=NO_CACHE)
 def dataset_fingerprint(data: str) -> str:
     """sha256 over the manifests of the stages training reads (their files' sha256 included)."""
-    root = Path(data)
-    return fingerprint([file_sha256(root / stage / "manifest.json") for stage in ("captions", "vscq2", "vqa")])
+    return fingerprint(list(manifest_digests(Path(data)).values()))
 
 
 def training_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
