@@ -72,7 +72,7 @@ def publish_training(result: TrainResult, cfg: TrainConfig, state: str) -> str:
     run = Path(result.out)
     write_text_atomic(run / "run-report.json", json.dumps({"state": state} | result.model_dump(), indent=2) + "\n")
     metrics = read_metrics(run)
-    png = plot_curves(metrics, run / "curves.png", f"{cfg.variant} on {cfg.base_model}")
+    png = plot_curves(metrics, run / "curves.png", f"{cfg.method} ({cfg.variant}) on {cfg.base_model}")
     steps = [m for m in metrics if "step" in m]
     every = max(1, len(steps) // 20)
     table = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()

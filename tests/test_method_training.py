@@ -156,6 +156,7 @@ def test_train_selector_flow_trains_the_method_and_evaluate_runs_it(smoke, tmp_p
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step" in r]
     assert len(steps) == 25 and all(math.isfinite(r["loss"]) for r in steps)
+    assert steps[1]["loss"] != steps[0]["loss"]  # the first step already learns (no step at lr 0)
     if method == "flexselect_lite":
         assert all(math.isnan(r["lm_loss"]) and r["rank_loss"] == r["loss"] for r in steps)
         first, last = [sum(r["spearman"] for r in part) / 5 for part in (steps[:5], steps[-5:])]

@@ -158,3 +158,22 @@ def test_lora_trains_adapters_only_and_merges_back_to_plain_weights(smoke) -> No
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="selector\\+lm"):
         build_model(cfg.model_copy(update={"variant": "selector"}))
+
+
+def test_no_warmup_runs_at_the_full_rate_from_the_first_scheduled_step() -> None:
+    """DeepSpeed's WarmupCosineLR needs one warmup step, which starts at 0 unless told otherwise: with warmup_steps=0
+    the schedule starts at the configured rate (and a warmup, when asked for, still starts at 0)."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from qtsplus.training.loop import deepspeed_config
+
+    for warmup, expected in ((0, [1.0, 1.0]), (4, [0.0, 0.25])):  # x cfg.lr in the engine's steps 1 and 2
+        cfg = TrainConfig.preset("smoke", data="d", out="o", warmup_steps=warmup, max_steps=20)
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        schedule = WarmupCosineLR(optimizer, **deepspeed_config(cfg, bf16=False)["scheduler"]["params"])
+        rates = []
+        schedule.step()  # what the training loop does before its first step
+        for _ in expected:
+            rates.append(optimizer.param_groups[0]["lr"] / cfg.lr)  # the rate of the engine's next step
+            schedule.step()  # what each optimizer step of the engine does
+        assert rates == pytest.approx(expected, abs=1e-3), (warmup, rates)

@@ -52,9 +52,10 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict:
         ds["bf16"]["enabled"] = bf16
     ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                     "betas": [0.9, 0.999], "eps": 1e-8}}
+    # warmup_steps=0 means none: DeepSpeed needs one warmup step, so start that step at the full rate
     ds["scheduler"] = {"type": "WarmupCosineLR", "params": {
         "total_num_steps": cfg.max_steps, "warmup_num_steps": max(1, cfg.warmup_steps), "warmup_type": "linear",
-        "cos_min_ratio": 0.1}}
+        "warmup_min_ratio": 1.0 if cfg.warmup_steps == 0 else 0.0, "cos_min_ratio": 0.1}}
     return ds
 
 
@@ -139,9 +140,11 @@ def train(cfg: TrainConfig) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
                                            config=deepspeed_config(cfg, bf16=use_cuda))
     start = 0
-    if newest_checkpoint(run) is not None:
+    if newest_checkpoint(run) is not None:  # restores the schedule's position too
         _, client = engine.load_checkpoint(str(run / CHECKPOINTS))
         start = int(client["step"])
+    else:  # DeepSpeed's schedule starts "not started", at lr 0: enter its iteration 0 before the first step
+        engine.lr_scheduler.step()
     # cached vision features, if a store holds them for this sampling and this exact tower (in its training dtype)
     features = open_feature_set(cfg.features, Path(cfg.data), cfg.video, engine.module.model.visual)
     metrics = run / METRICS
