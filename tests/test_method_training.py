@@ -176,6 +176,8 @@ def test_train_selector_flow_trains_the_method_and_evaluate_runs_it(smoke, tmp_p
                             methods=["teacher", "qtsplus", "random_tokens"], max_vqa=2, latency_frames=[])
     summary = evaluate_checkpoint(cfg, progress=False)
     assert set(summary.tokdense) == {"teacher", method, "random_tokens"}  # qtsplus = the checkpoint's own selector
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert f"# Evaluation of a {method} checkpoint" in report and f"the token count {method} (the checkpoint's" in report
     preds = read_predictions(tmp_path / "eval")
     own = {(p.task, p.question_id): p.video_tokens_kept for p in preds if p.method == method}
     assert own and all(0 < kept < 10_000 for kept in own.values())

@@ -77,7 +77,8 @@ def evaluate_checkpoint(cfg: EvalConfig, progress: bool = True) -> EvalSummary:
     plots = {"accuracy": plot_accuracy_vs_tokens(metrics, out / "accuracy_vs_tokens.png").name}
     if sweep:
         plots["latency"] = plot_latency_sweep(sweep, out / "latency_vs_frames.png").name
-    info = {"checkpoint": cfg.checkpoint, "data": cfg.data, "mcq_split": cfg.mcq_split, "vqa_split": cfg.vqa_split}
+    info = {"checkpoint": cfg.checkpoint, "data": cfg.data, "mcq_split": cfg.mcq_split, "vqa_split": cfg.vqa_split,
+            "selector": harness.own_method, "budget": cfg.budget}
     write_text_atomic(out / "report.md", render_report(metrics, sweep, plots, info))
     write_text_atomic(out / "eval-config.json", cfg.model_dump_json(indent=2) + "\n")
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))

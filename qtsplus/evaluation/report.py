@@ -64,11 +64,14 @@ def _fmt(v: object) -> str:
 
 def render_report(metrics: dict[str, dict], sweep: list[dict], plots: dict[str, str], info: dict) -> str:
     """report.md: a table per method, accuracy by type and difficulty, the budget, and the plots."""
-    parts = ["# QTSplus evaluation\n\n",
+    own = info.get("selector", "qtsplus")  # the checkpoint's own selector: qtsplus, or the method it was trained with
+    budgets = (f"the token count {own} (the checkpoint's selector) kept for each question" if own in metrics
+               else f"the budget {info.get('budget')} (a token count, or a ratio of each video's tokens)")
+    parts = [f"# Evaluation of a {own} checkpoint\n\n",
              f"Checkpoint `{info['checkpoint']}` on `{info['data']}` ({info['mcq_split']} / {info['vqa_split']}). "
              "MCQ accuracy reads the option-letter logits at the last position; VQA is ROUGE-L F1 (lower-cased "
-             "whitespace tokens) against the teacher's answer; comparators get the token count QTSplus kept for "
-             "each question. TokDense = accuracy / mean visual tokens kept.\n\n"]
+             f"whitespace tokens) against the teacher's answer; comparators get {budgets}. "
+             "TokDense = accuracy / mean visual tokens kept.\n\n"]
     rows = []
     for method, m in metrics.items():
         rows.append({"method": method, "mcq": m.get("mcq_samples", 0), "accuracy": m.get("accuracy", float("nan")),
