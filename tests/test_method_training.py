@@ -172,15 +172,17 @@ def test_train_selector_flow_trains_the_method_and_evaluate_runs_it(smoke, tmp_p
     assert loaded.config.selection_method == method
     assert isinstance(loaded.selector, FlexSelectLite if method == "flexselect_lite" else VQToken)
 
+    other = "vqtoken" if method == "flexselect_lite" else "flexselect_lite"  # borrowed, untrained here
     cfg = EvalConfig.preset("smoke", data=str(data), checkpoint=str(run / "final"), out=str(tmp_path / "eval"),
-                            methods=["teacher", "qtsplus", "random_tokens"], max_vqa=2, latency_frames=[])
+                            methods=["teacher", "qtsplus", "random_tokens", other], max_vqa=2, latency_frames=[])
     summary = evaluate_checkpoint(cfg, progress=False)
-    assert set(summary.tokdense) == {"teacher", method, "random_tokens"}  # qtsplus = the checkpoint's own selector
+    assert set(summary.tokdense) == {"teacher", method, "random_tokens", other}  # qtsplus = the checkpoint's own
     report = (tmp_path / "eval" / "report.md").read_text()
     assert f"# Evaluation of a {method} checkpoint" in report and f"the token count {method} (the checkpoint's" in report
+    assert f"(not trained in this checkpoint): {other}." in report
     preds = read_predictions(tmp_path / "eval")
     own = {(p.task, p.question_id): p.video_tokens_kept for p in preds if p.method == method}
     assert own and all(0 < kept < 10_000 for kept in own.values())
     for p in preds:
-        if p.method == "random_tokens":
+        if p.method in ("random_tokens", other):
             assert p.budget == own[(p.task, p.question_id)] == p.video_tokens_kept

@@ -78,7 +78,7 @@ def evaluate_checkpoint(cfg: EvalConfig, progress: bool = True) -> EvalSummary:
     if sweep:
         plots["latency"] = plot_latency_sweep(sweep, out / "latency_vs_frames.png").name
     info = {"checkpoint": cfg.checkpoint, "data": cfg.data, "mcq_split": cfg.mcq_split, "vqa_split": cfg.vqa_split,
-            "selector": harness.own_method, "budget": cfg.budget}
+            "selector": harness.own_method, "budget": cfg.budget, "fresh_weights": sorted(harness.fresh_weights)}
     write_text_atomic(out / "report.md", render_report(metrics, sweep, plots, info))
     write_text_atomic(out / "eval-config.json", cfg.model_dump_json(indent=2) + "\n")
     files = sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -80,6 +80,7 @@ class Harness:
                              f"{self.engine.model.config.model_type})")
         self.engine.model.eval()
         self._teacher: TransformersEngine | None = None
+        self.fresh_weights: set[str] = set()  # borrowed methods run with weights this checkpoint never trained
         self._clips: dict[tuple[str, SamplingConfig], VideoClip] = {}
         self.features = open_feature_set(cfg.features, self.data, self.sampling, self.engine.model.model.visual,
                                          lossless=True)
@@ -121,6 +122,8 @@ class Harness:
 
         selector = build_selector(name, model.config.text_config, **self.cfg.method_options.get(name, {}))
         selector.to(model.device, model.dtype).eval()
+        if any(True for _ in selector.parameters()):
+            self.fresh_weights.add(name)
         fallback = self.cfg.budget
 
         @contextmanager

@@ -81,6 +81,13 @@ def render_report(metrics: dict[str, dict], sweep: list[dict], plots: dict[str, 
                      "vqa": m.get("vqa_samples", 0), "ROUGE-L": m.get("rouge_l", float("nan")),
                      "peak MiB": m.get("peak_memory_mib", float("nan"))})
     parts.append("## Methods\n\n" + _table(rows))
+    fresh = info.get("fresh_weights") or []
+    if fresh:
+        parts.append(f"\nRun with freshly initialised weights (not trained in this checkpoint): {', '.join(fresh)}. "
+                     "An untrained VQ-Attention passes VQToken's codebook through (what the public VQToken code "
+                     "feeds); an untrained FlexSelect-Lite ranker or QTSplus selector ranks at random. Train one "
+                     "with `qtsplus train-selector --set method=...` (docs/selectors.md) and evaluate that "
+                     "checkpoint to compare trained weights.\n")
     for title, key in (("type", "accuracy_by_type"), ("difficulty", "accuracy_by_difficulty")):
         groups = sorted({g for m in metrics.values() for g in m.get(key, {})})
         if groups:
