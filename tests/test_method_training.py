@@ -186,3 +186,40 @@ def test_train_selector_flow_trains_the_method_and_evaluate_runs_it(smoke, tmp_p
     for p in preds:
         if p.method in ("random_tokens", other):
             assert p.budget == own[(p.task, p.question_id)] == p.video_tokens_kept
+
+
+def test_lite_ranker_starts_from_a_small_causal_lm(base, tmp_path: Path) -> None:
+    """ranker_init (the paper: Qwen2-0.5B-Instruct): the ranker's blocks are the LM's first decoder layers, standalone
+    and as a checkpoint's selector built from a base model; a trained checkpoint keeps its own weights on load."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qtsplus.selectors import build_selector
+
+    torch.manual_seed(1)
+    small = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                         intermediate_size=64, num_hidden_layers=2, vocab_size=64))
+    small.save_pretrained(tmp_path / "small")
+    options = LITE | {"ranker_init": str(tmp_path / "small")}
+
+    def same(ranker) -> bool:
+        layer, block = small.model.layers[0], ranker.blocks[0]
+        return (torch.equal(block.attn.q_proj.weight, layer.self_attn.q_proj.weight)
+                and torch.equal(block.attn.k_proj.bias, layer.self_attn.k_proj.bias)
+                and torch.equal(block.mlp.down_proj.weight, layer.mlp.down_proj.weight)
+                and torch.equal(block.post_norm.weight, layer.post_attention_layernorm.weight))
+
+    assert same(build_selector("flexselect_lite", base.config.text_config, **options).ranker)
+    model = QTSplusForConditionalGeneration.from_qwen(base, "flexselect_lite", options, 0.25)
+    assert same(model.selector.ranker)
+    base.save_pretrained(tmp_path / "base")  # how train-selector starts: from_pretrained of the plain Qwen2.5-VL
+    started = QTSplusForConditionalGeneration.from_pretrained(
+        tmp_path / "base", selection_method="flexselect_lite", method_config=options, method_budget=0.25)
+    assert same(started.selector.ranker)
+    with torch.no_grad():
+        model.selector.ranker.blocks[0].attn.q_proj.weight.add_(1.0)  # "trained"
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = QTSplusForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.selector.ranker.blocks[0].attn.q_proj.weight,
+                       model.selector.ranker.blocks[0].attn.q_proj.weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        build_selector("flexselect_lite", base.config.text_config, **(options | {"intermediate_size": 48}))

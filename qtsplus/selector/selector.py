@@ -163,18 +163,22 @@ class QTSplusSelector(nn.Module):
         targets = [(f"scorer.blocks.{i}", block, i) for i, block in enumerate(self.scorer.blocks)]
         targets.append(("scorer.head", self.scorer.head, len(self.scorer.blocks)))
         targets += [(f"reencoder.blocks.{i}", block, i) for i, block in enumerate(self.reencoder.blocks)]
-        copied = []
-        for name, module, i in targets:
-            if i >= len(layers):
-                continue
-            ours = dict(module.named_parameters())
-            theirs = dict(layers[i].named_parameters())
-            pairs = [(p, theirs.get(_lm_name(n))) for n, p in ours.items()]
-            if all(src is not None and src.shape == dst.shape for dst, src in pairs):
-                for dst, src in pairs:
-                    copy_(dst, src)
-                copied.append(f"{name} <- {i}")
-        return copied
+        return [f"{name} <- {i}" for name, module, i in targets
+                if i < len(layers) and copy_decoder_layer(module, layers[i], copy_)]
+
+
+def copy_decoder_layer(
+    module: nn.Module, layer: nn.Module, copy_: Callable[[Tensor, Tensor], Tensor] = Tensor.copy_
+) -> bool:
+    """Copy a Qwen2-layout decoder layer into a `Block` (or a scoring head) if every parameter has its counterpart
+    of the same shape; returns whether it did (nothing is copied otherwise)."""
+    theirs = dict(layer.named_parameters())
+    pairs = [(p, theirs.get(_lm_name(n))) for n, p in module.named_parameters()]
+    if not all(src is not None and src.shape == dst.shape for dst, src in pairs):
+        return False
+    for dst, src in pairs:
+        copy_(dst, src)
+    return True
 
 
 # names of our modules in a Qwen2 decoder layer (Qwen2_5_VLDecoderLayer)

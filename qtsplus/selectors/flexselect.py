@@ -38,7 +38,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
 from qtsplus.selector.config import SelectorConfig
-from qtsplus.selector.selector import Block, RMSNorm
+from qtsplus.selector.selector import Block, RMSNorm, copy_decoder_layer
 from qtsplus.selectors.base import Selection, Selector, SelectorInput, register, selection_from_keep
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,6 +258,9 @@ class FlexSelectLiteConfig:
     reduce: str = "max"  # the teacher's reduction over heads and text rows
     grid_features: int = 16  # sinusoid features per grid axis (t, h, w)
     initializer_range: float = 0.02
+    # a Qwen2-layout causal LM (hub id or path, e.g. Qwen/Qwen2-0.5B-Instruct, as the paper) whose first num_layers
+    # decoder layers initialise the ranker's blocks; its width, heads and FFN must be the ranker's. None: random
+    ranker_init: str | None = None
 
 
 @register
@@ -349,8 +352,9 @@ class LiteRanker(nn.Module):
         self.init_parameters()
 
     def init_parameters(self, init=nn.init) -> None:
-        """Normal(0, initializer_range) weights, zero biases, unit norms. `init`: torch.nn.init, or transformers'
-        flag-respecting copy when a host model initialises its missing weights."""
+        """Normal(0, initializer_range) weights, zero biases, unit norms; then the blocks from `ranker_init`'s first
+        decoder layers when set. `init`: torch.nn.init, or transformers' flag-respecting copy when a host model
+        initialises its missing weights (then a ranker loaded from a checkpoint is left alone)."""
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
@@ -358,6 +362,29 @@ class LiteRanker(nn.Module):
                 init.zeros_(module.bias)
             if isinstance(module, RMSNorm):
                 init.ones_(module.weight)
+        params = list(self.blocks.parameters())
+        loaded = all(getattr(p, "_is_hf_initialized", False) for p in params)
+        meta = any(p.is_meta for p in params)  # built inside a host's from_pretrained: the host's init comes later
+        if self.config.ranker_init is not None and not loaded and not meta:
+            self.init_blocks_from(self.config.ranker_init, copy_=getattr(init, "copy_", Tensor.copy_))
+
+    @torch.no_grad()
+    def init_blocks_from(self, model_id: str, copy_=Tensor.copy_) -> None:
+        """Copy the first num_layers decoder layers of a Qwen2-layout causal LM into the blocks."""
+        from transformers import AutoModelForCausalLM
+
+        from qtsplus.tiny import resolve_model
+
+        path, revision = resolve_model(model_id, None)
+        source = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=torch.float32)
+        layers = source.model.layers
+        if len(layers) < len(self.blocks):
+            raise ValueError(f"ranker_init {model_id}: {len(layers)} layers for {len(self.blocks)} ranker blocks")
+        for i, block in enumerate(self.blocks):
+            if not copy_decoder_layer(block, layers[i], copy_):
+                raise ValueError(f"ranker_init {model_id}: its layer {i} does not fit a ranker block (width "
+                                 f"{self.config.ranker_size}, {self.config.num_heads} / {self.config.num_kv_heads} "
+                                 f"heads, FFN {self.config.intermediate_size})")
 
     def forward(self, x: Tensor, x_mask: Tensor, q: Tensor, q_mask: Tensor, positions: Tensor) -> Tensor:
         """x [B, M, d], q [B, L, d], positions [B, M, 3] -> scores [B, M] float32 (padding: arbitrary)."""

@@ -151,11 +151,12 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-4, "warmup_steps": 500,
         "checkpoint_every": 500,
     },
-    # FlexSelect-Lite on the 3B host: the ranker imitates the reference layer's ranking (paper: lr 1e-5, cosine,
-    # 64 frames per set = 32 Qwen2.5-VL time steps, 1-3 epochs); the reference layer is the host's default.
+    # FlexSelect-Lite on the 3B host: the ranker imitates the reference layer's ranking (paper: blocks from
+    # Qwen2-0.5B-Instruct, lr 1e-5, cosine, 64 frames per set = 32 Qwen2.5-VL time steps, 1-3 epochs); the reference
+    # layer is the host's default (choose it with benchmarks.flexselect_layers).
     "flexselect-lite-3b": {
         "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "method": "flexselect_lite", "variant": "selector",
-        "method_options": {"frames_per_set": 32}, "method_budget": 0.0625,
+        "method_options": {"frames_per_set": 32, "ranker_init": "Qwen/Qwen2-0.5B-Instruct"}, "method_budget": 0.0625,
         "video": {"fps": 1.0, "max_frames": 64, "max_pixels": 360 * 420},
         "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 500,
         "checkpoint_every": 500,
