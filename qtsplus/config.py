@@ -48,6 +48,15 @@ class BuildConfig(BaseModel):
         return cls.model_validate(data)
 
 
+def config_from_preset(cls: type[M], presets: dict[str, dict[str, Any]], name: str, fields: dict[str, Any]) -> M:
+    """`presets[name]` (deep-copied) updated with the fields that are not None, validated as `cls`."""
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(presets))}")
+    data = json.loads(json.dumps(presets[name], default=_plain))
+    data.update({k: v for k, v in fields.items() if v is not None})
+    return cls.model_validate(data)
+
+
 def _plain(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return {k: getattr(obj, k) for k in obj.__dataclass_fields__}

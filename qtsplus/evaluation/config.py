@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from qtsplus.config import config_from_preset
 from qtsplus.video import SamplingConfig
 
 # Methods with a meaning of their own; every other name is looked up in qtsplus.selectors.SELECTORS.
@@ -44,10 +44,7 @@ class EvalConfig(BaseModel):
 
     @classmethod
     def preset(cls, name: str, **fields: Any) -> EvalConfig:
-        if name not in EVAL_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(EVAL_PRESETS))}")
-        data = json.loads(json.dumps(EVAL_PRESETS[name])) | {k: v for k, v in fields.items() if v is not None}
-        return cls.model_validate(data)
+        return config_from_preset(cls, EVAL_PRESETS, name, fields)
 
 
 EVAL_PRESETS: dict[str, dict[str, Any]] = {

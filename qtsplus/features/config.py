@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from qtsplus.config import config_from_preset
 from qtsplus.video import SamplingConfig
 
 StorageDtype = Literal["fp32", "bf16", "fp16", "fp8"]
@@ -37,11 +37,7 @@ class FeatureConfig(BaseModel):
 
     @classmethod
     def preset(cls, name: str, **fields: Any) -> FeatureConfig:
-        if name not in FEATURE_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(FEATURE_PRESETS))}")
-        data = json.loads(json.dumps(FEATURE_PRESETS[name]))
-        data.update({k: v for k, v in fields.items() if v is not None})
-        return cls.model_validate(data)
+        return config_from_preset(cls, FEATURE_PRESETS, name, fields)
 
 
 FEATURE_PRESETS: dict[str, dict[str, Any]] = {

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from qtsplus.config import REPO_ROOT
+from qtsplus.config import REPO_ROOT, config_from_preset
 from qtsplus.video import SamplingConfig
 
 Variant = Literal["selector", "selector+lm"]
@@ -107,11 +106,7 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def preset(cls, name: str, **fields: Any) -> TrainConfig:
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(sorted(TRAIN_PRESETS))}")
-        data = json.loads(json.dumps(TRAIN_PRESETS[name]))
-        data.update({k: v for k, v in fields.items() if v is not None})
-        return cls.model_validate(data)
+        return config_from_preset(cls, TRAIN_PRESETS, name, fields)
 
     def deepspeed_config_path(self) -> Path:
         path = Path(self.deepspeed_config)
