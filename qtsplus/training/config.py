@@ -113,61 +113,48 @@ class TrainConfig(BaseModel):
         return path if path.is_absolute() else REPO_ROOT / path
 
 
+# what the presets of one scale share (each preset is deep-copied when used, so sharing these dicts is safe)
+_TINY = "tiny/qwen2.5-vl"
+_SMOKE_VIDEO = {"fps": 1.0, "min_frames": 2, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112}
+_SMOKE_RUN = {"max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
+              "shuffle_buffer": 16}
+_QWEN_3B = "Qwen/Qwen2.5-VL-3B-Instruct"
+_RUN_3B = {"max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "warmup_steps": 500, "checkpoint_every": 500}
+_QTSPLUS_3B_SELECTOR = {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 2560,
+                        "lambda_t": 0.1, "lambda_m": 0.17, "lambda_s": 0.05}
+
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # Tiny random-weight model on the smoke dataset: mechanics only.
-    "smoke": {
-        "base_model": "tiny/qwen2.5-vl",
-        "selector": {"n_max": 64, "rho_min": 0.2, "rho_max": 0.8},
-        "video": {"fps": 1.0, "min_frames": 2, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
-        "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
-        "shuffle_buffer": 16,
-    },
+    "smoke": {"base_model": _TINY, "selector": {"n_max": 64, "rho_min": 0.2, "rho_max": 0.8},
+              "video": _SMOKE_VIDEO, **_SMOKE_RUN},
     # The other trainable methods on the same tiny model (reference layer 1 of 2; K up to the budget).
     "smoke-flexselect-lite": {
-        "base_model": "tiny/qwen2.5-vl", "method": "flexselect_lite", "method_budget": 0.25,
+        "base_model": _TINY, "method": "flexselect_lite", "method_budget": 0.25,
         "method_options": {"ranker_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
                            "intermediate_size": 64, "frames_per_set": 2},
-        "video": {"fps": 1.0, "min_frames": 2, "max_frames": 8, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
-        "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
-        "shuffle_buffer": 16,
+        "video": {**_SMOKE_VIDEO, "max_frames": 8}, **_SMOKE_RUN,
     },
     "smoke-vqtoken": {
-        "base_model": "tiny/qwen2.5-vl", "method": "vqtoken", "method_budget": 8,
+        "base_model": _TINY, "method": "vqtoken", "method_budget": 8,
         "method_options": {"map_grid": [2, 2, 2], "map_hidden": 32, "kmeans_restarts": 1},
-        "video": {"fps": 1.0, "min_frames": 2, "max_frames": 4, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
-        "max_steps": 8, "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "checkpoint_every": 2,
-        "shuffle_buffer": 16,
+        "video": _SMOKE_VIDEO, **_SMOKE_RUN,
     },
     # QTSplus-3B (selector only) and -3B-FT (selector + LM), paper Sec. 4.2 and the public training script.
-    "qtsplus-3b": {
-        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "variant": "selector",
-        "selector": {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 2560,
-                     "lambda_t": 0.1, "lambda_m": 0.17, "lambda_s": 0.05},
-        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-4, "warmup_steps": 500,
-        "checkpoint_every": 500,
-    },
+    "qtsplus-3b": {"base_model": _QWEN_3B, "variant": "selector", "selector": _QTSPLUS_3B_SELECTOR, **_RUN_3B,
+                   "lr": 1e-4},
+    "qtsplus-3b-ft": {"base_model": _QWEN_3B, "variant": "selector+lm", "selector": _QTSPLUS_3B_SELECTOR, **_RUN_3B,
+                      "lr": 1e-5, "deepspeed_config": "infra/deepspeed/zero2.json"},
     # FlexSelect-Lite on the 3B host: the ranker imitates the reference layer's ranking (paper: blocks from
     # Qwen2-0.5B-Instruct, lr 1e-5, cosine, 64 frames per set = 32 Qwen2.5-VL time steps, 1-3 epochs); the reference
     # layer is the host's default (choose it with benchmarks.flexselect_layers).
     "flexselect-lite-3b": {
-        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "method": "flexselect_lite", "variant": "selector",
+        "base_model": _QWEN_3B, "method": "flexselect_lite", "variant": "selector",
         "method_options": {"frames_per_set": 32, "ranker_init": "Qwen/Qwen2-0.5B-Instruct"}, "method_budget": 0.0625,
-        "video": {"fps": 1.0, "max_frames": 64, "max_pixels": 360 * 420},
-        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 500,
-        "checkpoint_every": 500,
+        "video": {"fps": 1.0, "max_frames": 64, "max_pixels": 360 * 420}, **_RUN_3B, "lr": 1e-5,
     },
     # VQToken on the 3B host: VQ-Attention learns through the LM loss with the LM frozen, adaptive K (12..32).
     "vqtoken-3b": {
-        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "method": "vqtoken", "variant": "selector",
-        "method_options": {"mode": "adaptive", "k_min": 12, "k_max": 32}, "method_budget": 32,
-        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-4, "warmup_steps": 500,
-        "checkpoint_every": 500,
-    },
-    "qtsplus-3b-ft": {
-        "base_model": "Qwen/Qwen2.5-VL-3B-Instruct", "variant": "selector+lm",
-        "selector": {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 2560,
-                     "lambda_t": 0.1, "lambda_m": 0.17, "lambda_s": 0.05},
-        "max_steps": 20000, "micro_batch_size": 1, "grad_accum": 8, "lr": 1e-5, "warmup_steps": 500,
-        "checkpoint_every": 500, "deepspeed_config": "infra/deepspeed/zero2.json",
+        "base_model": _QWEN_3B, "method": "vqtoken", "variant": "selector",
+        "method_options": {"mode": "adaptive", "k_min": 12, "k_max": 32}, "method_budget": 32, **_RUN_3B, "lr": 1e-4,
     },
 }
