@@ -6,22 +6,38 @@ and keeps it for every later chunk); a stage whose tasks are all cached never sp
 Leaving the context shuts the process down, which is the only reliable way to give GPU memory back.
 
 The worker dies with its parent (PR_SET_PDEATHSIG on Linux), so a killed run leaves no orphan writing shards.
+
+`stage_worker(name, python=PATH)` runs the worker under another interpreter, e.g. the engine environment's (vLLM
+without Prefect, docs/vllm.md): a plain subprocess (`PATH -m qtsplus.workers FD`) that talks pickles over an inherited
+socket (multiprocessing.connection). It gets this checkout's source tree on PYTHONPATH, not this environment's
+site-packages, so it runs the same library code with its own dependencies. Functions and their arguments/results cross
+by pickle: they must be importable by module name there (the stage functions in qtsplus.stages are), and the two
+environments must agree on pydantic and numpy (checked when the worker starts).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import logging
 import multiprocessing
+import os
+import pickle
 import signal
+import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,20 +50,26 @@ def _die_with_parent() -> None:
 
 
 class StageWorker:
-    """One lazily spawned worker process that runs a stage's chunk functions one at a time."""
+    """One lazily spawned worker process that runs a stage's chunk functions one at a time.
 
-    def __init__(self, name: str):
+    ``python``: the interpreter of the worker process (another environment's); None: this process's own."""
+
+    def __init__(self, name: str, python: str | None = None):
         self.name = name
-        self._executor: ProcessPoolExecutor | None = None
+        self.python = python
+        self._executor: ProcessPoolExecutor | InterpreterProcess | None = None
         self._lock = threading.Lock()
         self.spawned = 0
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         with self._lock:
             if self._executor is None:
-                self._executor = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
-                )
+                if self.python is None:
+                    self._executor = ProcessPoolExecutor(
+                        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
+                    )
+                else:
+                    self._executor = InterpreterProcess(self.python, self.name)
                 self.spawned += 1
             executor = self._executor
         try:
@@ -71,11 +93,11 @@ _ACTIVE: dict[str, StageWorker] = {}
 
 
 @contextmanager
-def stage_worker(name: str) -> Iterator[StageWorker]:
-    """Scope of a stage's worker process."""
+def stage_worker(name: str, python: str | None = None) -> Iterator[StageWorker]:
+    """Scope of a stage's worker process; ``python``: run it under that interpreter (None: this one)."""
     if name in _ACTIVE:
         raise RuntimeError(f"stage worker {name!r} is already open")
-    worker = _ACTIVE[name] = StageWorker(name)
+    worker = _ACTIVE[name] = StageWorker(name, python)
     try:
         yield worker
     finally:
@@ -90,3 +112,192 @@ def run_in_stage_worker(name: str, fn: Callable[..., T], *args: Any, **kwargs: A
         return worker.run(fn, *args, **kwargs)
     with stage_worker(name) as temporary:
         return temporary.run(fn, *args, **kwargs)
+
+
+# -- a worker under another interpreter ----------------------------------------------------------------------------
+
+# Packages whose objects cross the process boundary inside pickles (pydantic records and configs, numpy arrays):
+# (distribution, how many leading version parts must agree).
+PICKLE_COMPAT = (("pydantic", 1), ("numpy", 1))
+
+
+class _Future:
+    """What ``StageWorker.run`` expects of an executor's submit(): a ``result()``."""
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def result(self) -> Any:
+        return self._value
+
+
+class InterpreterProcess:
+    """A worker process started as ``python -m qtsplus.workers FD``, running submitted calls one at a time.
+
+    The call and its result travel as pickles over a socket pair (multiprocessing.connection). Exceptions raised by
+    the function are re-raised here with the remote traceback attached; a worker that died (killed, out of memory)
+    raises BrokenProcessPool, like ProcessPoolExecutor, so callers retry it the same way.
+    """
+
+    def __init__(self, python: str, name: str = "worker"):
+        self.python = python
+        self.name = name
+        self._lock = threading.Lock()
+        ours, theirs = multiprocessing.Pipe(duplex=True)
+        env = dict(os.environ)
+        root = _source_root()
+        if root is not None:  # a checkout (editable install): the worker imports this same code
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-m", "qtsplus.workers", str(theirs.fileno()), str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except OSError as e:
+            raise RuntimeError(f"stage worker {name!r}: cannot start interpreter {python!r}: {e}") from e
+        finally:
+            theirs.close()
+        self._conn: Connection | None = ours
+        try:
+            kind, versions = self._receive()
+        except BrokenProcessPool as e:
+            raise RuntimeError(
+                f"stage worker {name!r}: {python} -m qtsplus.workers did not start (is qtsplus and its dependencies "
+                f"installed in that environment? see its output above)"
+            ) from e
+        assert kind == "hello", kind
+        self.versions = versions
+        try:
+            check_pickle_compat(_versions(), versions, python)
+        except RuntimeError:
+            self.shutdown()
+            raise
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> _Future:
+        with self._lock:
+            if self._conn is None:
+                raise BrokenProcessPool(f"stage worker {self.name!r} is shut down")
+            self._conn.send_bytes(pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL))
+            kind, payload = self._receive()
+        if kind == "ok":
+            return _Future(payload)
+        exc, remote_tb = payload
+        exc.__cause__ = _RemoteTraceback(remote_tb)
+        raise exc
+
+    def _receive(self) -> tuple[str, Any]:
+        assert self._conn is not None
+        try:
+            data = self._conn.recv_bytes()
+        except (EOFError, OSError) as e:
+            code = self._proc.wait()
+            self._conn.close()
+            self._conn = None
+            raise BrokenProcessPool(
+                f"stage worker {self.name!r} ({self.python}) died with exit code {code}"
+            ) from e
+        kind, payload = pickle.loads(data)
+        if kind == "error":
+            exc_bytes, remote_tb = payload
+            try:
+                exc = pickle.loads(exc_bytes) if exc_bytes is not None else None
+            except Exception as e:  # noqa: BLE001 - e.g. the exception's class does not exist here
+                exc = RuntimeError(f"the worker raised an exception that cannot be rebuilt here ({e!r})")
+            if exc is None:
+                exc = RuntimeError("the worker raised an exception that cannot be pickled")
+            return kind, (exc, remote_tb)
+        return kind, payload
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Close the connection (the worker exits on EOF) and reap the process; kill it if it does not exit."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        try:
+            self._proc.wait(timeout=120 if wait else 5)
+        except subprocess.TimeoutExpired:
+            log.warning("stage worker %r did not exit; killing it", self.name)
+            self._proc.kill()
+            self._proc.wait()
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str):
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\"\"\"\n{self.tb}\"\"\""
+
+
+def _source_root() -> str | None:
+    """The directory holding this checkout's ``qtsplus`` package, unless it is an installed site-packages (putting
+    that on the worker's path would mix this environment's packages into the other one)."""
+    root = Path(__file__).resolve().parent.parent
+    if root.name in ("site-packages", "dist-packages") or not (root / "pyproject.toml").is_file():
+        return None
+    return str(root)
+
+
+def _versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": ".".join(map(str, sys.version_info[:3]))}
+    for dist, _ in PICKLE_COMPAT:
+        try:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def check_pickle_compat(ours: dict[str, str | None], theirs: dict[str, str | None], python: str) -> None:
+    """Raise when the worker's environment cannot be trusted to unpickle our objects (or we its results)."""
+    problems = []
+    for dist, parts in PICKLE_COMPAT:
+        a, b = ours.get(dist), theirs.get(dist)
+        if a is None or b is None:
+            continue  # not installed on one side: nothing of it can cross
+        if a.split(".")[:parts] != b.split(".")[:parts]:
+            problems.append(f"{dist} {a} here, {b} there")
+        elif a != b:
+            log.info("stage worker %s: %s %s here, %s there (compatible)", python, dist, a, b)
+    if problems:
+        raise RuntimeError(
+            f"the worker interpreter {python} has incompatible versions ({'; '.join(problems)}): objects pickled "
+            f"in one cannot be trusted in the other. Install matching versions in the engine environment."
+        )
+
+
+def _serve(fd: int, parent: int) -> None:
+    """The worker side of InterpreterProcess: run calls until the parent closes the connection."""
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before PR_SET_PDEATHSIG was armed
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, which then closes the connection
+    conn = Connection(fd)
+    conn.send(("hello", _versions()))
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:
+            return
+        try:
+            fn, args, kwargs = pickle.loads(data)
+            reply = pickle.dumps(("ok", fn(*args, **kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller, who raises it
+            reply = _error_reply(e)
+        conn.send_bytes(reply)
+
+
+def _error_reply(e: BaseException) -> bytes:
+    remote_tb = "".join(traceback.format_exception(e))
+    try:
+        exc_bytes: bytes | None = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:  # noqa: BLE001 - unpicklable exception: the traceback text still goes back
+        exc_bytes = None
+    return pickle.dumps(("error", (exc_bytes, remote_tb)), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
