@@ -22,7 +22,7 @@ TINY = {
     "vqtoken": dict(map_hidden=16, map_grid=(2, 2, 2), k_min=2, k_max=6),
 }  # fmt: skip
 # their tokens are rows of x
-PASS_THROUGH = {"none", "uniform_frames", "random_tokens", "flexselect", "flexselect_lite"}
+PASS_THROUGH = {"none", "uniform_frames", "random_tokens", "flexselect", "flexselect_lite", "evs", "vidcom2"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def check_selection(out, inputs: SelectorInput) -> None:
 
 def test_registry_holds_every_method(host):
     assert set(SELECTORS) == {"none", "uniform_frames", "random_tokens", "qtsplus", "flexselect",
-                              "flexselect_lite", "vqtoken"}  # fmt: skip
+                              "flexselect_lite", "vqtoken", "evs", "vidcom2"}  # fmt: skip
     for name in SELECTORS:
         assert make(name, host).name == name
     with pytest.raises(AssertionError, match="unknown"):

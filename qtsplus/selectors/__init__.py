@@ -20,6 +20,7 @@ from qtsplus.selectors.base import (
     register,
 )
 from qtsplus.selectors.baselines import KeepAll, RandomTokens, UniformFrames
+from qtsplus.selectors.evs import EVS, EVSConfig
 from qtsplus.selectors.flexselect import (
     FlexSelect,
     FlexSelectConfig,
@@ -31,11 +32,14 @@ from qtsplus.selectors.flexselect import (
     spearman_loss,
 )
 from qtsplus.selectors.qtsplus_adapter import QTSplusAdapter, QTSplusAdapterConfig
+from qtsplus.selectors.vidcom2 import VidCom2, VidCom2Config, frame_budgets
 from qtsplus.selectors.vqtoken import VQToken, VQTokenConfig, cosine_kmeans, elbow
 
 __all__ = [
     "SELECTORS",
     "Budget",
+    "EVS",
+    "EVSConfig",
     "FlexSelect",
     "FlexSelectConfig",
     "FlexSelectLite",
@@ -49,11 +53,14 @@ __all__ = [
     "Selector",
     "SelectorInput",
     "UniformFrames",
+    "VidCom2",
+    "VidCom2Config",
     "VQToken",
     "VQTokenConfig",
     "build_selector",
     "cosine_kmeans",
     "elbow",
+    "frame_budgets",
     "frame_sets",
     "grid_positions",
     "lite_train_step",
