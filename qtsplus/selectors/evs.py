@@ -8,7 +8,8 @@ Shapes: B videos, M visual tokens (padded, `x_mask`), d hidden size; a frame is 
 1. Temporal redundancy: a token at (t, h, w) with a token at (t - 1, h, w) (its predecessor) scores
    s = 1 - cos(x[t, h, w], x[t - 1, h, w]) in [0, 2]: 0 for an exact repeat, higher the more it changed. Tokens
    without a predecessor (the first frame; any place a grid does not hold at t - 1) have nothing to repeat: they
-   score 2, the largest dissimilarity, and are ranked before every other token.
+   score 2, the largest dissimilarity, and are ranked before every other token. An exact repeat scores exactly 0
+   (not 1 - cos(x, x) with its rounding noise), so repeats tie and go by order.
 2. Keep n: every token without a predecessor first, then the others by s, highest first (ties: the earlier token in
    x). When n is smaller than the number of tokens without a predecessor, n of them evenly spaced in x order
    (floor((j + 1/2) K / n) of the K, as `uniform_frames` does inside one frame): spread over the first frame rather
@@ -81,11 +82,14 @@ def predecessors(positions: Tensor) -> Tensor:
 
 
 def temporal_dissimilarity(x: Tensor, pred: Tensor) -> Tensor:
-    """x [m, d], pred [m] -> [m] float32: 1 - cos(x_i, x_pred(i)), clamped to [0, 2]; 2 where there is no predecessor."""
+    """x [m, d], pred [m] -> [m] float32: 1 - cos(x_i, x_pred(i)), clamped to [0, 2] (exactly 0 for an exact repeat,
+    so repeats tie and go in x order); 2 where there is no predecessor."""
     has = pred >= 0
     s = torch.full((x.shape[0],), NO_PREDECESSOR_SCORE, device=x.device)
     x = x.float()
-    s[has] = (1 - F.cosine_similarity(x[has], x[pred[has]], dim=-1)).clamp(0.0, NO_PREDECESSOR_SCORE)
+    a, b = x[has], x[pred[has]]
+    s[has] = (1 - F.cosine_similarity(a, b, dim=-1)).clamp(0.0, NO_PREDECESSOR_SCORE)
+    s[has.nonzero()[:, 0][(a == b).all(-1)]] = 0.0  # an exact repeat is 0, not 0 plus rounding noise
     return s
 
 
