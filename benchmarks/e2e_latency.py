@@ -21,8 +21,8 @@ import torch
 
 from qtsplus.engines import Prompt
 from qtsplus.engines.chat import encode_prompt
+from qtsplus.host.model import QTSplusForConditionalGeneration
 from qtsplus.prompts import mcq_user_prompt
-from qtsplus.selector.model import QTSplusForConditionalGeneration
 from qtsplus.tiny import tiny_model_path
 from qtsplus.video import VideoClip, smart_resize
 

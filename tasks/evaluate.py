@@ -25,9 +25,9 @@ from tasks.gpu import gpu_slot
 
 EVAL_CODE = (
     "qtsplus.evaluation.config", "qtsplus.evaluation.harness", "qtsplus.evaluation.metrics",
-    "qtsplus.evaluation.evaluate", "qtsplus.selector.model", "qtsplus.selector.selector", "qtsplus.selectors.base",
+    "qtsplus.evaluation.evaluate", "qtsplus.host.model", "qtsplus.host.splice", "qtsplus.layers", "qtsplus.selectors.qtsplus.selector", "qtsplus.selectors.base",
     "qtsplus.selectors.baselines", "qtsplus.selectors.flexselect", "qtsplus.selectors.vqtoken",
-    "qtsplus.selectors.qtsplus_adapter", "qtsplus.engines.transformers_engine", "qtsplus.engines.chat", "qtsplus.video",
+    "qtsplus.selectors.qtsplus.adapter", "qtsplus.engines.transformers_engine", "qtsplus.engines.chat", "qtsplus.video",
     "qtsplus.prompts",
 )
 

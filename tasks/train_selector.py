@@ -28,8 +28,8 @@ from tasks.gpu import gpu_slot
 
 TRAINING_CODE = (
     "qtsplus.training.config", "qtsplus.training.data", "qtsplus.training.model", "qtsplus.training.loop",
-    "qtsplus.training.launch", "qtsplus.selector.config", "qtsplus.selector.selector", "qtsplus.selector.losses",
-    "qtsplus.selector.model", "qtsplus.engines.chat", "qtsplus.video", "qtsplus.prompts", "qtsplus.tiny",
+    "qtsplus.training.launch", "qtsplus.selectors.qtsplus.config", "qtsplus.selectors.qtsplus.selector", "qtsplus.selectors.qtsplus.losses",
+    "qtsplus.host.model", "qtsplus.host.splice", "qtsplus.layers", "qtsplus.engines.chat", "qtsplus.video", "qtsplus.prompts", "qtsplus.tiny",
     "qtsplus.selectors.base", "qtsplus.selectors.flexselect", "qtsplus.selectors.vqtoken",
 )
 

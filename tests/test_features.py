@@ -23,7 +23,7 @@ from qtsplus.features import FeatureConfig, FeatureStore, video_sha256
 from qtsplus.features.cache import build_feature_set, expected_tokens, load_vision_tower
 from qtsplus.features.store import decode_features, encode_features, read_feature_row
 from qtsplus.fingerprint import file_sha256
-from qtsplus.selector.model import QTSplusForConditionalGeneration
+from qtsplus.host.model import QTSplusForConditionalGeneration
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.data import Collator, default_video_root, example_stream
 from qtsplus.training.launch import read_metrics

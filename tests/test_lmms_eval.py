@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny QTSplus checkpoint (random selector, n_max 64 < the 72 video tokens: selection prunes)."""
     from transformers import AutoTokenizer
 
-    from qtsplus.selector.model import QTSplusForConditionalGeneration, register_auto_classes
+    from qtsplus.host.model import QTSplusForConditionalGeneration, register_auto_classes
     from qtsplus.tiny import tiny_model_path
 
     register_auto_classes()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from _tiny_vl import random_video, tiny_qwen, video_prompt
 
-from qtsplus.selector.model import QTSplusForConditionalGeneration
+from qtsplus.host.model import QTSplusForConditionalGeneration
 from qtsplus.selectors import FlexSelect, FlexSelectConfig, FlexSelectLite, SelectorInput, VQToken, spearman
 from qtsplus.training.config import TrainConfig
 from tests.conftest import run_cli

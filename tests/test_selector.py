@@ -7,17 +7,16 @@ import math
 import pytest
 import torch
 
-from qtsplus.selector import (
+from qtsplus.selectors.base import compact, topk_keep
+from qtsplus.selectors.qtsplus import (
     QTSplusSelector,
     SelectorConfig,
     attention_cost,
     budget_loss,
     budget_prior,
     budget_size,
-    compact,
     find_threshold,
     memory_cost,
-    topn_mask,
     training_gate,
 )
 
@@ -274,12 +273,12 @@ def test_degenerate_inputs_have_no_nan(case, training):
     assert all(torch.isfinite(p.grad).all() for p in sel.parameters() if p.grad is not None)
 
 
-def test_compact_and_topn_mask():
+def test_compact_and_topk_keep():
     keep = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
     idx, mask = compact(keep)
     assert idx.tolist() == [[1, 3, 4], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     s = torch.tensor([[0.1, 0.9, 0.5, -math.inf], [3.0, 2.0, 1.0, 0.0]])
-    assert topn_mask(s, torch.tensor([2, 1])).tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
+    assert topk_keep(s, torch.tensor([2, 1])).tolist() == [[0, 1, 1, 0], [1, 0, 0, 0]]
 
 
 # ------------------------------------------------------------------------------------------------- time, losses, state

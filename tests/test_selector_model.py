@@ -8,7 +8,7 @@ import pytest
 import torch
 from _tiny_vl import IMAGE, VIDEO, VISION_END, VISION_START, random_video, tiny_qwen, video_prompt
 
-from qtsplus.selector.model import QTSplusConfig, QTSplusForConditionalGeneration
+from qtsplus.host.model import QTSplusConfig, QTSplusForConditionalGeneration
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "videos"
 QUESTION = [5, 6, 7, 8, 9]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from _tiny_vl import VIDEO, random_video, tiny_qwen, video_prompt
 
-from qtsplus.selector import QTSplusSelector, SelectorConfig
 from qtsplus.selectors import SELECTORS, Budget, QTSplusAdapter, SelectorInput, build_selector
+from qtsplus.selectors.qtsplus import QTSplusSelector, SelectorConfig
 
 QUESTION = [5, 6, 7, 8, 9]
 # tiny shapes for the methods with parameters (the host's hidden size, heads etc. come from its text config)
@@ -189,7 +189,7 @@ def test_qtsplus_at_a_given_budget_keeps_the_top_n(host, inputs):
 
 
 def test_wrap_shares_the_module(host):
-    from qtsplus.selector.model import QTSplusForConditionalGeneration
+    from qtsplus.host.model import QTSplusForConditionalGeneration
 
     model = QTSplusForConditionalGeneration.from_qwen(host, budget_hidden=16, time_dim=8)
     adapter = QTSplusAdapter.wrap(model.selector)

@@ -71,14 +71,14 @@ class TransformersEngine(Engine):
             trust_remote_code=cfg.trust_remote_code,
         )
         self.device = _device(cfg.device)
-        from qtsplus.selector.model import register_auto_classes
+        from qtsplus.host.model import register_auto_classes
 
         register_auto_classes()
         config = AutoConfig.from_pretrained(path, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         self.is_video_model = config.model_type in ("qwen2_5_vl", "qtsplus_qwen2_5_vl")
         if config.model_type == "qtsplus_qwen2_5_vl":  # a trained QTSplus checkpoint: selector between tower and LM
-            from qtsplus.selector.model import QTSplusForConditionalGeneration as model_class
+            from qtsplus.host.model import QTSplusForConditionalGeneration as model_class
         elif self.is_video_model:
             from transformers import Qwen2_5_VLForConditionalGeneration as model_class
         else:

@@ -107,7 +107,7 @@ def model_spec(cfg: FeatureConfig) -> FeatureSpec:
     """The set's identity, from the model's config only (no weights are read)."""
     from transformers import AutoConfig
 
-    from qtsplus.selector.model import register_auto_classes
+    from qtsplus.host.model import register_auto_classes
     from qtsplus.tiny import resolve_model
 
     register_auto_classes()
@@ -268,7 +268,7 @@ def load_vision_tower(model_id: str, revision: str | None, compute_dtype: str, d
         )
 
         from qtsplus.engines import record_load
-        from qtsplus.selector.model import register_auto_classes
+        from qtsplus.host.model import register_auto_classes
         from qtsplus.tiny import resolve_model
 
         register_auto_classes()

@@ -31,7 +31,7 @@ from qtsplus.selectors.flexselect import (
     spearman,
     spearman_loss,
 )
-from qtsplus.selectors.qtsplus_adapter import QTSplusAdapter, QTSplusAdapterConfig
+from qtsplus.selectors.qtsplus.adapter import QTSplusAdapter, QTSplusAdapterConfig
 from qtsplus.selectors.vidcom2 import VidCom2, VidCom2Config, frame_budgets
 from qtsplus.selectors.vqtoken import VQToken, VQTokenConfig, cosine_kmeans, elbow
 

@@ -31,8 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from qtsplus.selector.model import gather_rows, video_slots
-from qtsplus.selector.selector import compact
+from qtsplus.host.splice import gather_rows, video_slots
 
 # ---------------------------------------------------------------------------------------------------------------------
 # input
@@ -278,6 +277,15 @@ def selection_at(
 def gather(values: Tensor, indices: Tensor) -> Tensor:
     """values [B, M, c], indices [B, N] -> [B, N, c]."""
     return values.gather(1, indices[..., None].expand(-1, -1, values.shape[-1]))
+
+
+def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """[B, M] bool -> kept indices [B, N] in ascending (temporal) order and their mask [B, N]; N = max kept."""
+    count = keep.sum(-1)
+    n = int(count.max())
+    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[:, :n]  # kept first, each group ascending
+    token_mask = torch.arange(n, device=keep.device) < count[:, None]
+    return order.masked_fill(~token_mask, 0), token_mask
 
 
 def topk_keep(scores: Tensor, n: Tensor) -> Tensor:

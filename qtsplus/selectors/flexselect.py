@@ -37,8 +37,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
 
-from qtsplus.selector.config import SelectorConfig
-from qtsplus.selector.selector import Block, RMSNorm, copy_decoder_layer
+from qtsplus.layers import Block, LayerShape, RMSNorm, copy_decoder_layer
 from qtsplus.selectors.base import Selection, Selector, SelectorInput, register, selection_from_keep
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,13 +338,8 @@ class LiteRanker(nn.Module):
         self.in_proj = nn.Linear(config.hidden_size, r)
         self.kind = nn.Embedding(2, r)  # 0: video token, 1: question token
         self.grid = nn.Linear(3 * config.grid_features, r, bias=False)
-        block_config = SelectorConfig(
-            hidden_size=r,
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            intermediate_size=config.intermediate_size,
-            rms_norm_eps=config.rms_norm_eps,
-        )  # only the block shapes are read
+        block_config = LayerShape(hidden_size=r, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                                  intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps)
         self.blocks = nn.ModuleList(Block(block_config, cross=False) for _ in range(config.num_layers))
         self.norm = RMSNorm(r, config.rms_norm_eps)
         self.head = nn.Linear(r, 1)

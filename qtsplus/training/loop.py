@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from qtsplus.features.store import open_feature_set
-from qtsplus.selector.losses import attention_cost, budget_prior, memory_cost
+from qtsplus.selectors.qtsplus.losses import attention_cost, budget_prior, memory_cost
 from qtsplus.shards import write_text_atomic
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.data import Collator, batches, default_video_root

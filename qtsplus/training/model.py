@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qtsplus.selector.model import QTSPLUS_METHOD, QTSplusForConditionalGeneration, register_auto_classes
+from qtsplus.host.model import QTSPLUS_METHOD, QTSplusForConditionalGeneration, register_auto_classes
 from qtsplus.tiny import TINY_MODEL_IDS, resolve_model
 from qtsplus.training.config import TrainConfig
 

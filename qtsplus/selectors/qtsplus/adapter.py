@@ -1,4 +1,4 @@
-"""The QTSplus selector (`qtsplus.selector.QTSplusSelector`, unchanged) behind the selector contract.
+"""The QTSplus selector (`QTSplusSelector` of selector.py, unchanged) behind the selector contract.
 
 Inference follows Alg. 1 step by step with the selector's own modules (scorer, budget head, top-n gate, re-encoder);
 only the top-n size differs:
@@ -22,17 +22,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qtsplus.selector.config import SelectorConfig
-from qtsplus.selector.selector import QTSplusSelector, budget_size, compact, topn_mask
 from qtsplus.selectors.base import (
     Selection,
     Selector,
     SelectorInput,
+    compact,
     gather,
     register,
     selection_at,
     topk_keep,
 )
+from qtsplus.selectors.qtsplus.config import SelectorConfig
+from qtsplus.selectors.qtsplus.selector import QTSplusSelector, budget_size
 
 
 @dataclass
@@ -74,7 +75,7 @@ class QTSplusAdapter(Selector):
         if self.config.own_budget:
             n = torch.minimum(n, own_n)
         s = log_r + num_tokens.float().log()[:, None]  # scale-free score log(M r), see docs/selector.md
-        indices, token_mask = compact(topn_mask(s, n))  # [B, N] ascending
+        indices, token_mask = compact(topk_keep(s, n))  # [B, N] ascending
         z = sel.reencoder(gather(x, indices), inputs.times.gather(1, indices), token_mask)  # [B, N, d]
         return selection_at(inputs, indices, token_mask, z, n, r, extras=_extras(rho, own_n))
 

@@ -1,7 +1,7 @@
 """QTSplus: query-aware visual-token selection with an adaptive budget (paper Sec. 3.2, Alg. 1 and Alg. 2).
 
 Top-down: `QTSplusSelector` (Alg. 1) -> `CrossAttentionScorer` (alpha, r) -> `BudgetHead` (rho, n) -> the gates
-(`find_threshold` = Alg. 2, `training_gate`, `topn_mask`) -> `ReEncoder` (`TimeEmbedding` + `Block`s).
+(`find_threshold` = Alg. 2, `training_gate`, top-n by `topk_keep`) -> `ReEncoder` (`TimeEmbedding` + `Block`s).
 
 Shapes: B videos; M visual tokens per video (padded to the longest, `x_mask` marks real ones); L question tokens
 (`q_mask`); d hidden size; h query heads and h_kv key/value heads of size d_h = d / h, g = h / h_kv; N kept tokens
@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qtsplus.selector.config import SelectorConfig
-from qtsplus.selector.losses import budget_loss, update_rho_bar
+from qtsplus.layers import Block, RMSNorm, copy_decoder_layer
+from qtsplus.selectors.base import compact, topk_keep
+from qtsplus.selectors.qtsplus.config import SelectorConfig
+from qtsplus.selectors.qtsplus.losses import budget_loss, update_rho_bar
 
 
 @dataclass
@@ -125,7 +127,7 @@ class QTSplusSelector(nn.Module):
                 s, x_mask, expected, cfg.tau_s, cfg.n_max, generator, cfg.newton_max_iters, cfg.newton_rel_tol
             )
         else:
-            keep = topn_mask(s, budget)
+            keep = topk_keep(s, budget)
         indices, token_mask = compact(keep)  # [B, N], [B, N]
 
         z = x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1]))  # [B, N, d]
@@ -165,39 +167,6 @@ class QTSplusSelector(nn.Module):
         targets += [(f"reencoder.blocks.{i}", block, i) for i, block in enumerate(self.reencoder.blocks)]
         return [f"{name} <- {i}" for name, module, i in targets
                 if i < len(layers) and copy_decoder_layer(module, layers[i], copy_)]
-
-
-def copy_decoder_layer(
-    module: nn.Module, layer: nn.Module, copy_: Callable[[Tensor, Tensor], Tensor] = Tensor.copy_
-) -> bool:
-    """Copy a Qwen2-layout decoder layer into a `Block` (or a scoring head) if every parameter has its counterpart
-    of the same shape; returns whether it did (nothing is copied otherwise)."""
-    theirs = dict(layer.named_parameters())
-    pairs = [(p, theirs.get(_lm_name(n))) for n, p in module.named_parameters()]
-    if not all(src is not None and src.shape == dst.shape for dst, src in pairs):
-        return False
-    for dst, src in pairs:
-        copy_(dst, src)
-    return True
-
-
-# names of our modules in a Qwen2 decoder layer (Qwen2_5_VLDecoderLayer)
-_LM_MODULE = {
-    "input_norm": "input_layernorm",
-    "context_norm": "input_layernorm",
-    "q_norm": "input_layernorm",
-    "x_norm": "input_layernorm",
-    "post_norm": "post_attention_layernorm",
-    "attn": "self_attn",
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "mlp": "mlp",
-}
-
-
-def _lm_name(name: str) -> str:
-    head, _, rest = name.partition(".")
-    return f"{_LM_MODULE[head]}.{rest}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -363,24 +332,6 @@ def training_gate(
     return keep, gate, p, t
 
 
-def topn_mask(s: Tensor, budget: Tensor) -> Tensor:
-    """Inference gate: the top-n tokens of each row by s (n = budget[b]). s: [B, M] (-inf at padding) -> [B, M] bool."""
-    top = s.topk(int(budget.max()), dim=-1).indices  # [B, n]
-    take = torch.arange(top.shape[-1], device=s.device) < budget[:, None]
-    return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, take)
-
-
-def compact(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, M] bool -> kept indices [B, N] in ascending (temporal) order and their mask [B, N]; N = max kept."""
-    count = keep.sum(-1)
-    n = int(count.max())
-    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[
-        :, :n
-    ]  # kept first, each group ascending
-    token_mask = torch.arange(n, device=keep.device) < count[:, None]
-    return order.masked_fill(~token_mask, 0), token_mask
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # re-encoding
 
@@ -416,76 +367,3 @@ class TimeEmbedding(nn.Module):
         angles = 2 * math.pi * t.float()[..., None] / periods  # [B, N, time_dim / 2]
         features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [B, N, time_dim]
         return self.proj(features.to(self.proj.weight.dtype))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Qwen2.5-style layers (no rotary)
-
-
-class Block(nn.Module):
-    """Pre-norm block in the Qwen2.5 decoder-layer layout: h += Attn(RMSNorm(h), ctx); h += SwiGLU(RMSNorm(h)).
-
-    cross=False: self-attention over h (bidirectional, keys masked by `mask`); cross=True: keys/values from
-    RMSNorm(context), masked by `mask`.
-    """
-
-    def __init__(self, config: SelectorConfig, cross: bool) -> None:
-        super().__init__()
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.context_norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if cross else None
-        self.attn = Attention(config)
-        self.post_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
-
-    def forward(self, h: Tensor, mask: Tensor, context: Tensor | None = None) -> Tensor:
-        hn = self.input_norm(h)
-        kv = hn if self.context_norm is None else self.context_norm(context)
-        h = h + self.attn(hn, kv, mask)
-        return h + self.mlp(self.post_norm(h))
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with Qwen2.5's q/k/v/o projections and no rotary. x: [B, L, d], kv: [B, M, d]."""
-
-    def __init__(self, config: SelectorConfig) -> None:
-        super().__init__()
-        self.config = config
-        d, h, h_kv, d_h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(d, h * d_h, bias=config.attention_bias)
-        self.k_proj = nn.Linear(d, h_kv * d_h, bias=config.attention_bias)
-        self.v_proj = nn.Linear(d, h_kv * d_h, bias=config.attention_bias)
-        self.o_proj = nn.Linear(h * d_h, d, bias=False)
-
-    def forward(self, x: Tensor, kv: Tensor, kv_mask: Tensor) -> Tensor:
-        B, L, _ = x.shape
-        M = kv.shape[1]
-        h, h_kv, d_h = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
-        q = self.q_proj(x).view(B, L, h, d_h).transpose(1, 2)  # [B, h, L, d_h]
-        k = self.k_proj(kv).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
-        v = self.v_proj(kv).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_mask[:, None, None, :], enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, h * d_h))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: SelectorConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class RMSNorm(nn.Module):
-    """Qwen2's RMSNorm: normalise in float32, scale in the input dtype."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)

@@ -9,14 +9,11 @@ The prefill path, per batch:
    `second_per_grid_ts`).
 2. Video features from the base vision tower (or the precomputed `video_embeds`, qtsplus.features): one [M_v, d]
    block per video, in placeholder order.
-3. The selector scores each video against its sample's question (the LM's token embeddings of the question tokens,
-   `question_mask`), keeps n_v tokens in temporal order and re-encodes them with their absolute time.
-4. The pruned video placeholders are removed from the sequence together with their position ids: kept video tokens
-   and all text keep the position ids they had in the full sequence (gaps stay where tokens were dropped). The
-   shortened sequences are left-padded to a common length; the text row of the position ids (used only for masks) is
-   renumbered 0..S'-1. `rope_deltas` = max position + 1 - kept length, so that decoding continues at the position
-   the unpruned prompt would have continued from.
-5. The LM runs on the shortened sequence; `labels` are shortened the same way.
+3. `select`: the selector scores each video against its sample's question (the LM's token embeddings of the question
+   tokens, `question_mask`), keeps n_v tokens in temporal order and re-encodes them with their absolute time.
+4. `qtsplus.host.splice.splice`: the pruned video placeholders leave the sequence with their position ids; kept
+   tokens keep their original (t, h, w) position ids; sequences are left-padded to a common length.
+5. `run_language_model`: the LM runs on the shortened sequence; `labels` are shortened the same way.
 
 Step 3 can be another method of qtsplus.selectors: borrowed for evaluation (`use_method`), or the checkpoint's own
 selector when it was trained with one (`QTSplusConfig.selection_method`: flexselect_lite, vqtoken). Steps 4-5 are the
@@ -36,8 +33,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
-from qtsplus.selector.config import SelectorConfig
-from qtsplus.selector.selector import QTSplusSelector, SelectorOutput
+from qtsplus.host.splice import Spliced, gather_rows, splice, video_slots
+from qtsplus.selectors.qtsplus.config import SelectorConfig
+from qtsplus.selectors.qtsplus.selector import QTSplusSelector, SelectorOutput
 
 # transformers' own renaming for Qwen2_5_VLForConditionalGeneration checkpoints (a no-op on already-new keys)
 QWEN2_5_VL_CHECKPOINT_KEYS = {
@@ -251,90 +249,81 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if position_ids is None:
             position_ids, _ = self.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids,
-                image_grid_thw,
-                video_grid_thw,
-                second_per_grid_ts,
-                attention_mask,
+                input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
             )
-        # [3, B, S]: (t, h, w) of the full sequence (generate() passes a text row first: dropped, renumbered below)
+        # [3, B, S]: (t, h, w) of the full sequence (generate() passes a text row first: dropped, renumbered later)
         position_ids = position_ids[-3:]
-
-        text_embeds = self.model.get_input_embeddings()(input_ids)  # [B, S, d]
-        inputs_embeds = text_embeds
-        if pixel_values is not None:  # images are never pruned
-            image_embeds = self.model.get_image_features(pixel_values, image_grid_thw).pooler_output
-            image_embeds = torch.cat(image_embeds).to(inputs_embeds.dtype)
-            image_mask, _ = self.model.get_placeholder_mask(
-                input_ids, inputs_embeds, image_features=image_embeds
-            )
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
-
-        # one selector row per video (videos fill the placeholders in (batch, sequence) order); V x [M_v, d]
-        if video_embeds is not None:
-            videos = self.split_video_embeds(video_embeds, video_grid_thw)
-        else:
-            videos = self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
-        is_video = input_ids == self.config.video_token_id  # [B, S]
-        owner, slots, slot_mask = video_slots(is_video, [v.shape[0] for v in videos])  # [V], [V, M], [V, M]
-        x = pad_sequence([v.to(text_embeds.dtype) for v in videos], batch_first=True)  # [V, M, d]
-        times = self.token_times(video_grid_thw, second_per_grid_ts, x.shape[1])  # [V, M] seconds
         if question_mask is None:
             question_mask = self.default_question_mask(input_ids, attention_mask, labels)
+
+        text_embeds = self.model.get_input_embeddings()(input_ids)  # [B, S, d]
+        inputs_embeds = self.embed_images(input_ids, text_embeds, pixel_values, image_grid_thw)
+        videos = (self.split_video_embeds(video_embeds, video_grid_thw) if video_embeds is not None
+                  else self.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+        is_video = input_ids == self.config.video_token_id  # [B, S]
+
+        sel, owner, slots = self.select(videos, text_embeds, is_video, input_ids, attention_mask, position_ids,
+                                        question_mask, video_grid_thw, second_per_grid_ts, generator)
+        if self.training and not getattr(self.method or self.selector, "lm_objective", True):
+            return QTSplusOutput(loss=sel.loss, selection=sel)  # e.g. FlexSelect-Lite: its rank loss is all it learns
+        spliced = splice(inputs_embeds, position_ids, attention_mask, labels, is_video, owner, slots, sel)
+        self.model.rope_deltas = spliced.rope_deltas
+        return self.run_language_model(spliced, sel, past_key_values, use_cache, logits_to_keep, **kwargs)
+
+    def embed_images(self, input_ids: Tensor, embeds: Tensor, pixel_values: Tensor | None,
+                     image_grid_thw: Tensor | None) -> Tensor:
+        """The token embeddings with image features at the image placeholders (images are never pruned)."""
+        if pixel_values is None:
+            return embeds
+        image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+        image_embeds = image_embeds.to(embeds.dtype)
+        image_mask, _ = self.model.get_placeholder_mask(input_ids, embeds, image_features=image_embeds)
+        return embeds.masked_scatter(image_mask, image_embeds)
+
+    def select(self, videos: tuple[Tensor, ...], text_embeds: Tensor, is_video: Tensor, input_ids: Tensor,
+               attention_mask: Tensor, position_ids: Tensor, question_mask: Tensor, video_grid_thw: Tensor,
+               second_per_grid_ts: Tensor | None, generator: torch.Generator | None):
+        """Run the selection method on every video against its sample's question.
+
+        videos: V x [M_v, d] in placeholder (batch, sequence) order. Returns the selection (a `SelectorOutput` of
+        QTSplus or a `Selection` of another method), the owning sample of each video [V] and the sequence position
+        of each of its tokens [V, M]."""
+        owner, slots, slot_mask = video_slots(is_video, [v.shape[0] for v in videos])  # [V], [V, M], [V, M]
+        x = pad_sequence([v.to(text_embeds.dtype) for v in videos], batch_first=True)  # [V, M, d]
         q, q_mask = gather_rows(text_embeds[owner], question_mask.bool()[owner])  # [V, L, d], [V, L]
-
         if self.method is None and self.uses_qtsplus:
-            sel = self.selector(x, q, times, slot_mask, q_mask, generator=generator)
-        else:
-            method, budget = self.method, self.method_budget
-            if method is None:  # this checkpoint's own (non-QTSplus) method, at its trained budget
-                method, budget = self.selector, self.config.method_budget
-            sel = self._run_method(method, budget, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts,
-                                   owner, slots, input_ids, attention_mask, position_ids, question_mask, generator)
-            if self.training and not method.lm_objective:  # e.g. FlexSelect-Lite: its rank loss is all it learns
-                return QTSplusOutput(loss=sel.loss, selection=sel)
+            times = self.token_times(video_grid_thw, second_per_grid_ts, x.shape[1])  # [V, M] seconds
+            return self.selector(x, q, times, slot_mask, q_mask, generator=generator), owner, slots
+        method, budget = self.method, self.method_budget
+        if method is None:  # this checkpoint's own (non-QTSplus) method, at its trained budget
+            method, budget = self.selector, self.config.method_budget
+        sel = self._run_method(method, budget, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner,
+                               slots, input_ids, attention_mask, position_ids, question_mask, generator)
+        return sel, owner, slots
 
-        # splice: each kept video token replaces its own placeholder; pruned placeholders leave the sequence
-        kept_rows = owner[:, None].expand_as(sel.indices)[sel.token_mask]  # [K]
-        kept_cols = slots.gather(1, sel.indices)[sel.token_mask]  # [K]
-        kept_tokens = sel.tokens[sel.token_mask].to(inputs_embeds.dtype)  # [K, d]
-        inputs_embeds = inputs_embeds.index_put((kept_rows, kept_cols), kept_tokens)
-        keep = attention_mask.bool() & ~is_video
-        keep[kept_rows, kept_cols] = True
-
-        # left-pad the shortened sequences; every kept token keeps its original (t, h, w) position id
-        src, new_mask = left_padded_order(keep)  # [B, S'], [B, S']
-        inputs_embeds = inputs_embeds.gather(1, src[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
-        mrope = position_ids.gather(2, src[None].expand(3, -1, -1)).masked_fill(~new_mask, 0)  # [3, B, S']
-        text_row = (new_mask.cumsum(-1) - 1).masked_fill(~new_mask, 0)  # [B, S'], only used for masks
-        position_ids = torch.cat([text_row[None], mrope])  # [4, B, S']
-        if labels is not None:
-            labels = labels.gather(1, src).masked_fill(~new_mask, -100)
-        self.model.rope_deltas = (mrope.amax(dim=(0, 2)) + 1 - new_mask.sum(-1))[:, None]  # [B, 1]
-
+    def run_language_model(self, spliced: Spliced, sel, past_key_values, use_cache: bool | None,
+                           logits_to_keep: int | Tensor, **kwargs) -> QTSplusOutput:
+        """The LM on the shortened sequence; LM loss on its labels plus the selector's own loss terms."""
         outputs = self.model.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=new_mask.long(),
-            position_ids=position_ids,
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask.long(),
+            position_ids=spliced.position_ids,
             past_key_values=past_key_values,
             use_cache=use_cache,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state
         keep_slice = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep_slice])
-
+        logits = self.lm_head(outputs.last_hidden_state[:, keep_slice])
         self.last_prefill = {
             "video_tokens_in": sel.num_tokens.tolist(),
             "video_tokens_kept": sel.num_kept.tolist(),
-            "lm_tokens": new_mask.sum(-1).tolist(),
+            "lm_tokens": spliced.attention_mask.sum(-1).tolist(),
             "rho": sel.rho.tolist() if getattr(sel, "rho", None) is not None else None,
         }
         lm_loss = None
-        if labels is not None:
+        if spliced.labels is not None:
             vocab_size = self.config.text_config.vocab_size
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+            lm_loss = self.loss_function(logits=logits, labels=spliced.labels, vocab_size=vocab_size, **kwargs)
         losses = [t for t in (lm_loss, sel.loss) if t is not None]
         return QTSplusOutput(
             loss=sum(losses) if losses else None,
@@ -343,9 +332,9 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             lm_loss=lm_loss,
             budget_loss=sel.loss,
             selection=sel,
-            attention_mask=new_mask.long(),
-            position_ids=position_ids,
-            labels=labels,
+            attention_mask=spliced.attention_mask.long(),
+            position_ids=spliced.position_ids,
+            labels=spliced.labels,
         )
 
     def split_video_embeds(self, video_embeds: Tensor, video_grid_thw: Tensor) -> tuple[Tensor, ...]:
@@ -368,7 +357,7 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     def _run_method(self, method, budget, x, q, q_mask, slot_mask, video_grid_thw, second_per_grid_ts, owner, slots,
                     input_ids, attention_mask, position_ids, question_mask, generator):
-        from qtsplus.selectors.base import HostLM, SelectorInput
+        from qtsplus.selectors.base import HostLM, SelectorInput  # noqa: I001 (lazy: selectors import the host's splice)
 
         if not torch.equal(owner, torch.arange(input_ids.shape[0], device=owner.device)):
             raise ValueError("use_method supports exactly one video per sample")
@@ -444,35 +433,6 @@ def json_ready(value):
     if isinstance(value, list | tuple):
         return [json_ready(v) for v in value]
     return value
-
-
-def video_slots(is_video: Tensor, sizes: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """Placeholders [B, S] and tokens per video -> owning sample [V], sequence positions [V, M] and their mask."""
-    rows, cols = is_video.nonzero(as_tuple=True)  # (batch, sequence) order = the order of the video features
-    assert sum(sizes) == rows.numel(), f"{rows.numel()} video placeholders for {sum(sizes)} video tokens"
-    owner = torch.stack([r[0] for r in rows.split(sizes)])
-    slots = pad_sequence(list(cols.split(sizes)), batch_first=True)
-    lengths = torch.tensor(sizes, device=slots.device)
-    mask = torch.arange(slots.shape[1], device=slots.device) < lengths[:, None]
-    return owner, slots, mask
-
-
-def gather_rows(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """values [V, S, d], mask [V, S] -> the masked positions of each row, packed and right-padded: [V, L, d], [V, L]."""
-    length = mask.sum(-1)
-    assert (length > 0).all(), "every sample with a video needs at least one question token"
-    packed = pad_sequence(list(values[mask].split(length.tolist())), batch_first=True)
-    return packed, torch.arange(packed.shape[1], device=mask.device) < length[:, None]
-
-
-def left_padded_order(keep: Tensor) -> tuple[Tensor, Tensor]:
-    """keep [B, S] -> for each output slot its source position [B, S'] (kept positions in order, left-padded) and
-    the output attention mask [B, S'], S' = most kept in a row."""
-    count = keep.sum(-1)
-    width = int(count.max())
-    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)  # kept positions first, ascending
-    j = torch.arange(width, device=keep.device) - (width - count)[:, None]  # < 0 on the left padding
-    return order.gather(1, j.clamp_min(0)), j >= 0
 
 
 def register_auto_classes() -> None:
