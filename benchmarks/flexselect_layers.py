@@ -27,17 +27,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from qtsplus.engines import EngineConfig, Prompt
+from qtsplus.engines.transformers_engine import TransformersEngine
+from qtsplus.prompts import mcq_user_prompt
+from qtsplus.selectors import SelectorInput
+from qtsplus.selectors.reference_layer import insert_needle, needle_tokens, recall_at_k, scores_by_layer
+from qtsplus.shards import load_manifest, read_rows
+from qtsplus.video import SamplingConfig, load_video, resolve_video_path
+from schemas import VSCQ2Question
 
-from qtsplus.engines import EngineConfig, Prompt  # noqa: E402
-from qtsplus.engines.transformers_engine import TransformersEngine  # noqa: E402
-from qtsplus.prompts import mcq_user_prompt  # noqa: E402
-from qtsplus.selectors import SelectorInput  # noqa: E402
-from qtsplus.selectors.reference_layer import insert_needle, needle_tokens, recall_at_k, scores_by_layer  # noqa: E402
-from qtsplus.shards import load_manifest, read_rows  # noqa: E402
-from qtsplus.video import SamplingConfig, load_video, resolve_video_path  # noqa: E402
-from schemas import VSCQ2Question  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -28,11 +28,10 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLRotaryEmbedding,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.timing import peak_memory, sync, timed
+from qtsplus.selectors.qtsplus import QTSplusSelector, SelectorConfig
 
-from benchmarks.timing import peak_memory, sync, timed  # noqa: E402
-from qtsplus.selectors.qtsplus import QTSplusSelector, SelectorConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, QUESTION = 2048, 16, 2, 11008, 36, 32
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

@@ -18,8 +18,8 @@ Each (selector, M) runs in a fresh process: time is the median of `--repeats` fo
 CUDA max_memory_allocated above what weights and inputs hold, or on the CPU the growth of the process's peak RSS
 during the first forward.
 
-    python -m benchmarks.selectors                                   # M in {2k, 20k, 180k}, on CUDA if present
-    python -m benchmarks.selectors --sizes 768 3072 --reference-layer 2 --repeats 1     # small, on a CPU
+    python -m benchmarks.selector_methods                                   # M in {2k, 20k, 180k}, on CUDA if present
+    python -m benchmarks.selector_methods --sizes 768 3072 --reference-layer 2 --repeats 1     # small, on a CPU
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel, Qwen2_5_VLTextConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.timing import peak_memory, sync, timed
+from qtsplus.selectors import SELECTORS, HostLM, SelectorInput, build_selector
 
-from benchmarks.timing import peak_memory, sync, timed  # noqa: E402
-from qtsplus.selectors import SELECTORS, HostLM, SelectorInput, build_selector  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 2048, 16, 2, 11008, 36
 PREFIX, QUESTION, GRID_H, GRID_W, SECONDS_PER_STEP = 16, 32, 12, 16, 2.0
@@ -77,7 +76,7 @@ def main() -> None:
     print("-" * len(header), flush=True)
     for m in args.sizes:
         for name in args.selectors:
-            cmd = [sys.executable, "-m", "benchmarks.selectors", "--worker", name, str(m), f"--budget={args.budget}",
+            cmd = [sys.executable, "-m", "benchmarks.selector_methods", "--worker", name, str(m), f"--budget={args.budget}",
                    f"--reference-layer={args.reference_layer}", f"--device={args.device}", f"--dtype={args.dtype}",
                    f"--repeats={args.repeats}"]  # fmt: skip
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
