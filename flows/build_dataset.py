@@ -5,7 +5,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from qtsplus.config import BuildConfig
+from qtsplus.build_config import BuildConfig
+from qtsplus.engines import engine_python
 from qtsplus.workers import stage_worker
 from tasks.build_dataset import (
     ingest_chunk,
@@ -35,21 +36,21 @@ def build_dataset(config: BuildConfig, progress: bool = True) -> BuildSummary:
     runs = [captions]
     finalize(out, captions, config)
 
-    with gpu_slot(), stage_worker("vscq1"):
+    with gpu_slot(), stage_worker("vscq1", python=engine_python(config.vscq1.engine)):
         vscq1 = run_chunk_tasks("vscq1", vscq1_chunk, out, [
             dict(out=str(out), prev=r, cfg=config.vscq1) for r in captions.results
         ], progress)
     runs.append(vscq1)
     finalize(out, vscq1, config)
 
-    with gpu_slot(), stage_worker("vscq2"):
+    with gpu_slot(), stage_worker("vscq2", python=engine_python(config.teacher.engine)):
         vscq2 = run_chunk_tasks("vscq2", vscq2_chunk, out, [
             dict(out=str(out), prev=r, cfg=config.teacher, video_root=video_root) for r in vscq1.results
         ], progress)
     runs.append(vscq2)
     finalize(out, vscq2, config)
 
-    with gpu_slot(), stage_worker("vqa"):
+    with gpu_slot(), stage_worker("vqa", python=engine_python(config.teacher.engine)):
         vqa = run_chunk_tasks("vqa", vqa_chunk, out, [
             dict(out=str(out), prev=r, cfg=config.teacher, video_root=video_root) for r in vscq2.results
         ], progress)

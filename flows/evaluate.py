@@ -6,6 +6,7 @@ from prefect import flow
 
 from qtsplus.evaluation.config import EvalConfig
 from qtsplus.evaluation.evaluate import EvalSummary
+from tasks.common import run_cached
 from tasks.evaluate import (
     cached_evaluate_run,
     checkpoint_fingerprint,
@@ -19,11 +20,8 @@ from tasks.evaluate import (
 def evaluate(config: EvalConfig) -> EvalSummary:
     """Evaluate (or reuse the cached report of an identical evaluation), then publish the report."""
     config = config.model_copy(update={k: str(Path(getattr(config, k)).resolve()) for k in ("data", "checkpoint", "out")})
-    runner = cached_evaluate_run(Path(config.out))
-    ckpt_fp, data_fp = checkpoint_fingerprint(config.checkpoint), eval_data_fingerprint(config.data)
-    state = runner(config, ckpt_fp, data_fp, return_state=True)
-    summary: EvalSummary = state.result()
-    if not report_intact(summary):
-        summary = runner.with_options(refresh_cache=True)(config, ckpt_fp, data_fp)
-    publish_evaluation(summary, state.name)
+    kwargs = dict(cfg=config, checkpoint_fp=checkpoint_fingerprint(config.checkpoint),
+                  data_fp=eval_data_fingerprint(config.data))
+    summary, state = run_cached(cached_evaluate_run(Path(config.out)), kwargs, report_intact)
+    publish_evaluation(summary, config, state)
     return summary

@@ -7,12 +7,14 @@ from prefect import flow
 from flows.build_dataset import build_dataset
 from flows.evaluate import evaluate
 from flows.train_selector import train_selector
-from qtsplus.config import BuildConfig, apply_overrides
+from qtsplus.build_config import BuildConfig
 from qtsplus.evaluation.config import EvalConfig
+from qtsplus.inbox import Inbox
+from qtsplus.presets import apply_overrides
 from qtsplus.registry import Registry
 from qtsplus.retrain import RetrainConfig
 from qtsplus.training.config import TrainConfig
-from tasks.retrain import record_version, take_new_captions
+from tasks.retrain import record_no_change, record_version, take_new_captions
 
 
 @flow(name="retrain", log_prints=True)
@@ -23,9 +25,10 @@ def retrain(config: RetrainConfig) -> dict:
     with registry.lock():
         new_files = take_new_captions(config)
         current = registry.current()
-        if not new_files and current is not None:
+        # nothing new, and nothing taken earlier that a failed first round left untrained
+        if not new_files and (current is not None or not Inbox(config.inbox, work).ledger()):
             print("no new caption files: nothing to do")
-            return {"version": None, "promoted": False, "decision": "no new captions", "current": current}
+            return record_no_change(config, current)
         dataset = work / "dataset"
         build = apply_overrides(BuildConfig.preset(config.build_preset, input=str(work / "captions.jsonl"),
                                                    video_root=config.video_root, out=str(dataset)),

@@ -6,6 +6,7 @@ from prefect import flow
 
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.launch import TrainResult
+from tasks.common import run_cached
 from tasks.train_selector import cached_train_run, dataset_fingerprint, final_intact, publish_training
 
 
@@ -14,11 +15,7 @@ def train_selector(config: TrainConfig) -> TrainResult:
     """Train (or reuse the cached result of an identical run), then publish curves and metrics."""
     out = Path(config.out).resolve()
     config = config.model_copy(update={"out": str(out), "data": str(Path(config.data).resolve())})
-    fp = dataset_fingerprint(config.data)
-    runner = cached_train_run(out)
-    state = runner(config, fp, return_state=True)
-    result: TrainResult = state.result()
-    if not final_intact(result):
-        result = runner.with_options(refresh_cache=True)(config, fp)
-    publish_training(result, config, state.name)
+    kwargs = dict(cfg=config, dataset_fp=dataset_fingerprint(config.data))
+    result, state = run_cached(cached_train_run(out), kwargs, final_intact)
+    publish_training(result, config, state)
     return result

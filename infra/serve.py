@@ -1,6 +1,7 @@
 """Serve every qtsplus flow as a deployment named `default` from this process (one machine, no work pool needed).
 
     prefect server start                                              # terminal 1 (binds 127.0.0.1:4200)
+    # another port: PREFECT_UI_API_URL=http://127.0.0.1:4300/api prefect server start --port 4300  (see docs)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m infra.serve --root runs --gpus 1 [--retrain-cron "0 3 * * *"]     # terminal 2
     prefect deployment run build-dataset/default                      # then train-selector/, evaluate/, retrain/
@@ -9,8 +10,9 @@ Deployments (default parameters: the smoke presets on the shipped examples, unde
 - build-dataset/default   captions -> <root>/default (dataset)
 - train-selector/default  <root>/default -> <root>/default-train
 - evaluate/default        <root>/default-train/final on <root>/default -> <root>/default-eval
-- retrain/default         inbox <root>/inbox, registry <root>/registry; at most one run at a time (others wait in
-                          AwaitingConcurrencySlot), on --retrain-cron when given.
+- retrain/default         inbox <root>/inbox (created here), registry <root>/registry; at most one run at a time
+                          (others wait in AwaitingConcurrencySlot), on --retrain-cron when given. With nothing new in
+                          the inbox a run ends Completed with a "no new captions" `retrain-decision` artifact.
 Every parameter can be overridden per run (`--param config='{...}'`) or in the UI. The global concurrency limit `gpu`
 (--gpus slots) is created if missing, so two model stages never share a GPU.
 """
@@ -46,8 +48,9 @@ def deployments(root: Path, preset: str, retrain_cron: str | None) -> list:
     from flows.evaluate import evaluate
     from flows.retrain import retrain
     from flows.train_selector import train_selector
-    from qtsplus.config import EXAMPLES, BuildConfig
+    from qtsplus.build_config import BuildConfig
     from qtsplus.evaluation.config import EvalConfig
+    from qtsplus.paths import EXAMPLES
     from qtsplus.retrain import RetrainConfig
     from qtsplus.training.config import TrainConfig
 
@@ -80,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from prefect import serve
 
+    root = Path(args.root).resolve()
+    (root / "inbox").mkdir(parents=True, exist_ok=True)  # retrain/default watches it: it must exist from the start
     ensure_gpu_limit(args.gpus)
-    serve(*deployments(Path(args.root).resolve(), args.preset, args.retrain_cron))
+    print(f"retrain/default picks up new caption files (*.jsonl) dropped into {root / 'inbox'}")
+    serve(*deployments(root, args.preset, args.retrain_cron))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from collections import Counter
 # Prefect reads its settings at import: keep the embedded server quiet and offline unless told otherwise.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# With no server configured, Prefect starts a temporary one and gives up after 20 s, which a busy machine exceeds:
+# wait longer (a real server, PREFECT_API_URL, needs no start at all).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -54,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="QTSplus checkpoint (train-selector's final/)")
     e.add_argument("--out", required=True, help="report folder")
     e.add_argument("--preset", default="smoke", help="smoke | paper (default: smoke)")
-    e.add_argument("--methods", nargs="+", help="teacher no_selection qtsplus uniform_frames random_tokens ...")
+    e.add_argument("--methods", nargs="+", help="teacher no_selection qtsplus uniform_frames random_tokens evs vidcom2 ...")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting by dotted key, e.g. --set max_vqa=20 (repeatable)")
     e.add_argument("--show-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -82,7 +85,8 @@ def _print_summary(summary: object) -> None:
 
 
 def build_dataset_main(args: argparse.Namespace) -> int:
-    from qtsplus.config import BuildConfig, apply_overrides
+    from qtsplus.build_config import BuildConfig
+    from qtsplus.presets import apply_overrides
 
     config = BuildConfig.preset(args.preset, out=args.out, input=args.input, video_root=args.video_root)
     config = apply_overrides(config, args.overrides)
@@ -99,7 +103,7 @@ def build_dataset_main(args: argparse.Namespace) -> int:
 
 
 def train_selector_main(args: argparse.Namespace) -> int:
-    from qtsplus.config import apply_overrides
+    from qtsplus.presets import apply_overrides
     from qtsplus.training.config import TrainConfig
 
     config = TrainConfig.preset(args.preset, data=args.data, out=args.out, variant=args.variant)
@@ -116,8 +120,8 @@ def train_selector_main(args: argparse.Namespace) -> int:
 
 
 def cache_features_main(args: argparse.Namespace) -> int:
-    from qtsplus.config import apply_overrides
     from qtsplus.features.config import FeatureConfig
+    from qtsplus.presets import apply_overrides
 
     config = FeatureConfig.preset(args.preset, data=args.data, out=args.out)
     config = apply_overrides(config, args.overrides)
@@ -136,8 +140,8 @@ def cache_features_main(args: argparse.Namespace) -> int:
 
 
 def evaluate_main(args: argparse.Namespace) -> int:
-    from qtsplus.config import apply_overrides
     from qtsplus.evaluation.config import EvalConfig
+    from qtsplus.presets import apply_overrides
 
     config = EvalConfig.preset(args.preset, data=args.data, checkpoint=args.checkpoint, out=args.out,
                                methods=args.methods)
@@ -158,7 +162,7 @@ def evaluate_main(args: argparse.Namespace) -> int:
 
 
 def retrain_main(args: argparse.Namespace) -> int:
-    from qtsplus.config import apply_overrides
+    from qtsplus.presets import apply_overrides
     from qtsplus.retrain import RetrainConfig
 
     config = apply_overrides(RetrainConfig(inbox=args.inbox, registry=args.registry, work=args.work,

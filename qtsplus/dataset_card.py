@@ -65,6 +65,15 @@ def sample_questions(root: Path, manifest: StageManifest, n: int = 5) -> list[di
     return rows
 
 
+def _provenance_summary(provenance: dict) -> dict:
+    """The provenance lines a reader scans for (the model as id/backend/revision; the full record is in the manifest)."""
+    short = {k: v for k, v in provenance.items() if k not in ("parameters", "engine", "ingest", "video_sampling")}
+    engine = provenance.get("engine")
+    if isinstance(engine, dict):
+        short = {"model": f"{engine['model_id']} ({engine['backend']}, revision {engine.get('revision') or 'default'})"} | short
+    return short
+
+
 def render_card(root: Path, manifests: list[StageManifest], title: str = "qtsplus distillation dataset") -> str:
     """Markdown dataset card: what each stage holds, counts per filter, provenance and how to load it."""
     parts = [f"# {title}\n\n", "Built by `qtsplus build-dataset`. Every input row is accounted for at every stage: "
@@ -82,7 +91,7 @@ def render_card(root: Path, manifests: list[StageManifest], title: str = "qtsplu
             if types:
                 parts.append("\nQuestion types: " + ", ".join(f"{k} {v}" for k, v in sorted(types.items())) + "\n")
             parts.append("\nSample questions:\n\n" + _markdown_table(sample_questions(root, m)))
-        prov = ", ".join(f"{k}: `{v}`" for k, v in m.provenance.items() if k != "parameters")
+        prov = ", ".join(f"{k}: `{v}`" for k, v in _provenance_summary(m.provenance).items())
         parts.append(f"\nProvenance: {prov}\n")
         splits = sorted({f.split for f in m.files})
         if splits:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
-import importlib
-import inspect
+import importlib.util
 import json
+import subprocess
+import sys
+from collections.abc import Callable
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +52,113 @@ def file_sha256(path: Path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@cache
-def code_version(*modules: str) -> str:
-    """The package version plus a hash of the source of the modules a stage depends on.
+# the project's own packages: the code fingerprint follows imports inside them
+PROJECT_PACKAGES = ("qtsplus", "schemas")
+# installed libraries whose version can change a stage's output (decoding, numerics, grammars, training)
+RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "vllm", "xgrammar", "deepspeed", "peft", "av", "decord",
+                    "pyarrow")
 
-    Editing any of them changes the version, and with it the cache keys of the stages that name them.
-    """
+
+def module_closure(*roots: str) -> list[str]:
+    """The project modules that importing `roots` can execute: every module named by an import statement in them or
+    in a module they reach (lazy imports inside functions and `TYPE_CHECKING` blocks included, so the closure is never
+    smaller than what runs), plus each module's parent packages. Read from the source files, without importing."""
+    seen: set[str] = set()
+    todo = [r for r in roots if _module_file(r) is not None]
+    unknown = [r for r in roots if _module_file(r) is None]
+    if unknown:
+        raise ValueError(f"not a module of {PROJECT_PACKAGES}: {unknown}")
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages run first
+        todo += [m for m in _imports(name) if m not in seen]
+    return sorted(seen)
+
+
+def _module_file(name: str) -> Path | None:
+    top, *rest = name.split(".")
+    if top not in PROJECT_PACKAGES:
+        return None
+    base = _package_root(top).joinpath(*rest)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@cache
+def _package_root(top: str) -> Path:
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(top)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _imports(name: str) -> list[str]:
+    """Project modules named by the import statements of module `name`."""
+    path = _module_file(name)
+    assert path is not None
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.append(module)
+            found += [f"{module}.{alias.name}" for alias in node.names]  # `from pkg import submodule`
+    return [m for m in found if _module_file(m) is not None]
+
+
+def library_versions(python: str | None = None) -> dict[str, str | None]:
+    """Installed versions of `RESULT_LIBRARIES` (None: not installed), in this environment or in the one of the
+    interpreter `python` (a stage worker's engine environment)."""
+    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+        return _versions_here()
+    return _versions_of(str(python))
+
+
+@cache
+def _versions_here() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for lib in RESULT_LIBRARIES:
+        try:
+            found[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            found[lib] = None
+    return found
+
+
+@cache
+def _versions_of(python: str) -> dict[str, str | None]:
+    code = ("import json, importlib.metadata as m\n"
+            "def v(n):\n    try:\n        return m.version(n)\n    except m.PackageNotFoundError:\n        return None\n"
+            f"print(json.dumps({{n: v(n) for n in {list(RESULT_LIBRARIES)!r}}}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"cannot read library versions from {python}: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout)
+
+
+def code_fingerprint(*entries: Callable[..., Any] | str, python: str | None = None) -> str:
+    """The version of the code behind `entries` (library functions or module names): the package version, then a hash
+    of the source of every project module they reach (`module_closure`, computed, never listed by hand) and of the
+    versions of the libraries that shape results (`library_versions`, in the environment of `python`).
+
+    Editing any module an entry reaches changes it, so the cache keys that include it miss; editing a module it does
+    not reach leaves it unchanged."""
+    roots = [e if isinstance(e, str) else e.__module__ for e in entries]
     h = hashlib.sha256()
-    for name in sorted(modules):
-        h.update(name.encode())
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    for name in module_closure(*roots):
+        h.update(name.encode() + b"\0")
+        h.update(_module_file(name).read_bytes())  # type: ignore[union-attr]
+    h.update(json.dumps(library_versions(python), sort_keys=True).encode())
     return f"{qtsplus.__version__}+{h.hexdigest()[:12]}"

@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from qtsplus.fingerprint import canonical, code_fingerprint
 from qtsplus.shards import ChunkResult, write_chunk_shards
 from qtsplus.video import PathOutsideRoot, VideoError, probe_video, resolve_video_path
 from schemas import RAW_MAX_CHARS, Caption, Reject
@@ -42,6 +44,12 @@ class IngestConfig(BaseModel):
     max_caption_chars: int = Field(8000, ge=1)
     probe_videos: bool = Field(True, description="open each video at ingest to reject unreadable ones early")
     frames_folder_fps: float = Field(1.0, gt=0, description="native fps assumed for folders of frames")
+
+
+def depends_on(cfg: IngestConfig, video_root: str) -> dict[str, Any]:
+    """What a captions chunk depends on besides its input rows (their bytes): the cache key and the manifest's
+    provenance."""
+    return {"video_root": video_root, "ingest": canonical(cfg), "code_version": code_fingerprint(ingest_chunk)}
 
 
 class RowError(ValueError):

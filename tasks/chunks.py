@@ -10,6 +10,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from tqdm.auto import tqdm
 
+from tasks.common import recompute_if_invalid
+
 
 def run_verified(runnable: Any, calls: list[dict[str, Any]], verify: Callable[[Any], bool], label: str,
                  progress: bool = True) -> tuple[list[Any], dict[int, str]]:
@@ -22,11 +24,7 @@ def run_verified(runnable: Any, calls: list[dict[str, Any]], verify: Callable[[A
     ui = create_progress_artifact(progress=0.0, description=f"{label}: chunks done (%)") if calls else None
     for future in as_completed(list(futures)):
         i = futures[future]
-        result, state = future.result(), future.state.name
-        if not verify(result):
-            result = runnable.with_options(refresh_cache=True).submit(**calls[i]).result()
-            state = "Recomputed"
-        by_index[i], states[i] = result, state
+        by_index[i], states[i] = recompute_if_invalid(runnable, calls[i], future.result(), future.state.name, verify)
         bar.update(1)
         if ui is not None:
             update_progress_artifact(ui, progress=100.0 * len(states) / len(calls))

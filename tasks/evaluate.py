@@ -1,7 +1,8 @@
 """Prefect tasks of evaluate: a cached wrapper around `qtsplus.evaluation.evaluate.evaluate_checkpoint`.
 
-Cache key: the checkpoint's files (sha256 of weights and config) + the eval data's manifests + the eval config +
-the code of the evaluation, selector and engine modules + the report folder.
+Cache key: the checkpoint's files (sha256 of weights and config) + the eval data's manifests + what the evaluation
+depends on (`qtsplus.evaluation.evaluate.depends_on`: the eval config, which names the report folder, and the
+fingerprint of the code it reaches).
 """
 
 from __future__ import annotations
@@ -13,23 +14,15 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from qtsplus.evaluation.config import EvalConfig
-from qtsplus.evaluation.evaluate import PREDICTIONS, EvalSummary, evaluate_checkpoint
-from qtsplus.fingerprint import code_version, file_sha256, fingerprint
+from qtsplus.evaluation.evaluate import PREDICTIONS, EvalSummary, depends_on, evaluate_checkpoint
+from qtsplus.fingerprint import file_sha256, fingerprint
 from qtsplus.shards import manifest_digests, write_text_atomic
-from tasks.build_dataset import is_transient, result_storage
+from tasks.common import cached, is_transient
 from tasks.gpu import gpu_slot
-
-EVAL_CODE = (
-    "qtsplus.evaluation.config", "qtsplus.evaluation.harness", "qtsplus.evaluation.metrics",
-    "qtsplus.evaluation.evaluate", "qtsplus.host.model", "qtsplus.host.splice", "qtsplus.layers", "qtsplus.selectors.qtsplus.selector", "qtsplus.selectors.base",
-    "qtsplus.selectors.baselines", "qtsplus.selectors.flexselect", "qtsplus.selectors.vqtoken",
-    "qtsplus.selectors.qtsplus.adapter", "qtsplus.engines.transformers_engine", "qtsplus.engines.chat", "qtsplus.video",
-    "qtsplus.prompts",
-)
 
 
 @task(name="checkpoint-fingerprint", cache_policy=NO_CACHE)
@@ -50,9 +43,7 @@ def eval_data_fingerprint(data: str) -> str:
 
 
 def eval_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
-    cfg: EvalConfig = p["cfg"]
-    return fingerprint("evaluate", code_version(*EVAL_CODE), cfg.model_dump(mode="json"), p["checkpoint_fp"],
-                       p["data_fp"])
+    return fingerprint("evaluate", depends_on(p["cfg"]), p["checkpoint_fp"], p["data_fp"])
 
 
 @task(name="evaluate-run", persist_result=True, retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
@@ -62,8 +53,7 @@ def evaluate_run(cfg: EvalConfig, checkpoint_fp: str, data_fp: str) -> EvalSumma
 
 
 def cached_evaluate_run(out: Path) -> Any:
-    policy = CacheKeyFnPolicy(cache_key_fn=eval_key).configure(key_storage=out / ".cache" / "prefect" / "keys")
-    return evaluate_run.with_options(cache_policy=policy, result_storage=result_storage(out))
+    return cached(evaluate_run, out, eval_key)
 
 
 def report_intact(summary: EvalSummary) -> bool:
@@ -72,10 +62,12 @@ def report_intact(summary: EvalSummary) -> bool:
 
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE)
-def publish_evaluation(summary: EvalSummary, state: str) -> None:
-    """Artifacts: accuracy / tokens / TokDense per method, the report with its plots inlined."""
+def publish_evaluation(summary: EvalSummary, cfg: EvalConfig, state: str) -> None:
+    """run-report.json (with what the evaluation depends on) and artifacts: accuracy / tokens / TokDense per method,
+    the report with its plots inlined."""
     out = Path(summary.out)
-    write_text_atomic(out / "run-report.json", json.dumps({"state": state} | summary.model_dump(), indent=2) + "\n")
+    report = {"state": state} | summary.model_dump() | {"depends_on": depends_on(cfg)}
+    write_text_atomic(out / "run-report.json", json.dumps(report, indent=2) + "\n")
     rows = [{"method": m, "accuracy": summary.accuracy.get(m), "visual tokens kept": summary.tokens_kept.get(m),
              "TokDense": summary.tokdense.get(m)} for m in summary.methods]
     create_table_artifact(key="evaluate-methods", table=rows, description=f"Methods compared ({state})")

@@ -17,16 +17,16 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
 from qtsplus.features.cache import (
-    CODE_MODULES,
     FeatureChunkResult,
     FeaturePlan,
     VideoRef,
     chunk_shards_verified,
+    depends_on,
     finalize_features,
     plan_features,
     run_feature_chunk,
@@ -34,19 +34,18 @@ from qtsplus.features.cache import (
 )
 from qtsplus.features.config import FeatureConfig
 from qtsplus.features.store import FeatureManifest, FeatureSpec
-from qtsplus.fingerprint import code_version, fingerprint
+from qtsplus.fingerprint import fingerprint
 from qtsplus.shards import write_text_atomic
 from qtsplus.workers import run_in_stage_worker
-from tasks.build_dataset import is_transient, result_storage
 from tasks.chunks import run_verified
+from tasks.common import TASK_OPTIONS, cached
 
 STAGE = "features"
 
 
 def feature_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
     spec: FeatureSpec = p["spec"]
-    return fingerprint("feature-chunk", code_version(*CODE_MODULES), spec, p["chunk"], videos_fingerprint(p["videos"]),
-                       p["out"])
+    return fingerprint("feature-chunk", depends_on(spec), p["chunk"], videos_fingerprint(p["videos"]), p["out"])
 
 
 @task(name="plan-features", cache_policy=NO_CACHE)
@@ -55,17 +54,11 @@ def plan_task(cfg: FeatureConfig) -> FeaturePlan:
     return plan_features(cfg)
 
 
-@task(name="feature-chunk", task_run_name="features-{chunk:05d}", persist_result=True, retries=2,
-      retry_delay_seconds=[2, 10], retry_condition_fn=is_transient)
+@task(name="feature-chunk", task_run_name="features-{chunk:05d}", **TASK_OPTIONS)
 def feature_chunk(out: str, chunk: int, videos: list[VideoRef], spec: FeatureSpec, video_root: str,
                   device: str) -> FeatureChunkResult:
     return run_in_stage_worker(STAGE, run_feature_chunk, Path(out), chunk, videos, spec, Path(video_root), device,
                                videos_fingerprint(videos))
-
-
-def cached_feature_chunk(out: Path) -> Any:
-    policy = CacheKeyFnPolicy(cache_key_fn=feature_key).configure(key_storage=out / ".cache" / "prefect" / "keys")
-    return feature_chunk.with_options(cache_policy=policy, result_storage=result_storage(out))
 
 
 @dataclass
@@ -77,7 +70,7 @@ class FeatureRun:
 def run_feature_tasks(out: Path, calls: list[dict[str, Any]], progress: bool = True) -> FeatureRun:
     """One cached task per chunk; a cached result whose shard fails its checksum is recomputed, and so is every
     chunk when cached chunks disagree on the vision weights that computed them."""
-    runnable = cached_feature_chunk(out)
+    runnable = cached(feature_chunk, out, feature_key)
     results, states = run_verified(runnable, calls, lambda r: chunk_shards_verified(out, r), "features", progress)
     run = FeatureRun()
     by_index = dict(enumerate(results))

@@ -11,34 +11,27 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from qtsplus.config import BuildConfig
+from qtsplus import ingest
+from qtsplus.build_config import BuildConfig
 from qtsplus.dataset_card import counts_table, render_card, sample_questions
-from qtsplus.fingerprint import canonical, code_version
-from qtsplus.prompts import MCQ, VQA, VSCQ1
 from qtsplus.shards import StageManifest, finalize_stage, load_manifest, write_text_atomic
+from qtsplus.stages import teacher, vscq1
 from schemas import Caption, Record, VQAAnswer, VSCQ1Question, VSCQ2Question
-from tasks.build_dataset import CODE, StageRun
+from tasks.common import StageRun
 
 RECORDS: dict[str, type[Record]] = {"captions": Caption, "vscq1": VSCQ1Question, "vscq2": VSCQ2Question, "vqa": VQAAnswer}
 
 
 def provenance(stage: str, config: BuildConfig) -> dict:
-    """What a stage's output depends on, for its manifest."""
+    """What a stage's output depends on, for its manifest: the same `depends_on` its chunk tasks' cache keys hash."""
+    video_root = str(Path(config.video_root).resolve())
     if stage == "captions":
-        return {"input": config.input, "video_root": config.video_root, "ingest": canonical(config.ingest),
-                "code_version": code_version(*CODE["ingest"])}
+        return {"input": config.input} | ingest.depends_on(config.ingest, video_root)
     if stage == "vscq1":
-        c = config.vscq1
-        return {"model_id": c.engine.model_id, "revision": c.engine.revision, "backend": c.engine.backend,
-                "prompt_version": VSCQ1.version, "parameters": canonical(c.generation) | {
-                    "n_questions": c.n_questions, "max_field_chars": c.max_field_chars, "shuffle_seed": c.shuffle_seed},
-                "code_version": code_version(*CODE["vscq1"])}
-    t = config.teacher
-    common = {"model_id": t.engine.model_id, "revision": t.engine.revision, "backend": t.engine.backend,
-              "video_sampling": canonical(t.video), "code_version": code_version(*CODE["teacher"])}
+        return vscq1.depends_on(config.vscq1)
     if stage == "vscq2":
-        return common | {"prompt_version": MCQ.version, "parameters": {"scoring": "option-letter probabilities"}}
-    return common | {"prompt_version": VQA.version, "parameters": canonical(t.vqa_generation)}
+        return teacher.depends_on_vscq2(config.teacher, video_root)
+    return teacher.depends_on_vqa(config.teacher, video_root)
 
 
 @task(name="finalize-stage", cache_policy=NO_CACHE)

@@ -22,6 +22,19 @@ def take_new_captions(config: RetrainConfig) -> list[InboxFile]:
     return inbox.take(inbox.pending())
 
 
+@task(name="record-no-change", cache_policy=NO_CACHE)
+def record_no_change(config: RetrainConfig, current: str | None) -> dict:
+    """Nothing arrived since the last round: say so in the same `retrain-decision` artifact a round would write."""
+    why = "no new captions"
+    create_markdown_artifact(
+        key="retrain-decision",
+        markdown=f"# {why}: nothing to train\n\nNo new `*.jsonl` caption file in `{config.inbox}` since the last run; "
+                 f"current version: {current or 'none yet'}. Drop caption files there and run again.\n",
+        description="Retrain promotion decision",
+    )
+    return {"version": None, "promoted": False, "decision": why, "current": current}
+
+
 @task(name="record-version", cache_policy=NO_CACHE)
 def record_version(config: RetrainConfig, version: str, parent: str | None, checkpoint: str, candidate_eval: str,
                    current_eval: str | None, dataset: str, train_config: dict, new_files: list[InboxFile]) -> dict:

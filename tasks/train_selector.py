@@ -1,8 +1,8 @@
 """Prefect tasks of train-selector: a cached wrapper around `qtsplus.training.launch.run_training`.
 
-Cache key: the dataset's manifests (VSCQ2 and QTS-VQA, which name every shard's sha256) + the training config
-(less the launcher's port and restart count) + the base model id and resolved revision + the code of the training
-and selector modules + the run folder. A cached result whose final weights are gone or changed is recomputed.
+Cache key: the dataset's manifests (VSCQ2 and QTS-VQA, which name every shard's sha256) + what the run depends on
+(`qtsplus.training.launch.depends_on`: the config less the launcher's port and restart count, the base model and its
+resolved revision, the fingerprint of the code it reaches) + the run folder. A cached result whose final weights are gone or changed is recomputed.
 """
 
 from __future__ import annotations
@@ -14,24 +14,16 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from qtsplus.fingerprint import code_version, file_sha256, fingerprint
+from qtsplus.fingerprint import file_sha256, fingerprint
 from qtsplus.shards import manifest_digests, write_text_atomic
-from qtsplus.tiny import resolve_model
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.curves import plot_curves
-from qtsplus.training.launch import TrainResult, read_metrics, run_training
-from tasks.build_dataset import is_transient, result_storage
+from qtsplus.training.launch import TrainResult, depends_on, read_metrics, run_training
+from tasks.common import cached, is_transient
 from tasks.gpu import gpu_slot
-
-TRAINING_CODE = (
-    "qtsplus.training.config", "qtsplus.training.data", "qtsplus.training.model", "qtsplus.training.loop",
-    "qtsplus.training.launch", "qtsplus.selectors.qtsplus.config", "qtsplus.selectors.qtsplus.selector", "qtsplus.selectors.qtsplus.losses",
-    "qtsplus.host.model", "qtsplus.host.splice", "qtsplus.layers", "qtsplus.engines.chat", "qtsplus.video", "qtsplus.prompts", "qtsplus.tiny",
-    "qtsplus.selectors.base", "qtsplus.selectors.flexselect", "qtsplus.selectors.vqtoken",
-)
 
 
 @task(name="dataset-fingerprint", cache_policy=NO_CACHE)
@@ -42,11 +34,7 @@ def dataset_fingerprint(data: str) -> str:
 
 def training_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
     cfg: TrainConfig = p["cfg"]
-    relevant = cfg.model_dump(mode="json")
-    relevant["launcher"] = {k: v for k, v in relevant["launcher"].items() if k not in ("master_port", "max_restarts")}
-    _, revision = resolve_model(cfg.base_model, cfg.base_revision)
-    return fingerprint("train-selector", code_version(*TRAINING_CODE), relevant, p["dataset_fp"],
-                       cfg.base_model, revision, str(Path(cfg.out).resolve()))
+    return fingerprint("train-selector", depends_on(cfg), p["dataset_fp"], str(Path(cfg.out).resolve()))
 
 
 @task(name="train-selector-run", persist_result=True, retries=1, retry_delay_seconds=5, retry_condition_fn=is_transient)
@@ -57,8 +45,7 @@ def train_run(cfg: TrainConfig, dataset_fp: str) -> TrainResult:
 
 
 def cached_train_run(out: Path) -> Any:
-    policy = CacheKeyFnPolicy(cache_key_fn=training_key).configure(key_storage=out / ".cache" / "prefect" / "keys")
-    return train_run.with_options(cache_policy=policy, result_storage=result_storage(out))
+    return cached(train_run, out, training_key)
 
 
 def final_intact(result: TrainResult) -> bool:
@@ -70,7 +57,8 @@ def final_intact(result: TrainResult) -> bool:
 def publish_training(result: TrainResult, cfg: TrainConfig, state: str) -> str:
     """curves.png and run-report.json next to the run, and artifacts: the curves, the last metrics."""
     run = Path(result.out)
-    write_text_atomic(run / "run-report.json", json.dumps({"state": state} | result.model_dump(), indent=2) + "\n")
+    report = {"state": state} | result.model_dump() | {"depends_on": depends_on(cfg)}
+    write_text_atomic(run / "run-report.json", json.dumps(report, indent=2) + "\n")
     metrics = read_metrics(run)
     png = plot_curves(metrics, run / "curves.png", f"{cfg.method} ({cfg.variant}) on {cfg.base_model}")
     steps = [m for m in metrics if "step" in m]

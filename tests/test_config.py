@@ -1,11 +1,11 @@
-"""`--set key=value` overrides (qtsplus.config.apply_overrides), shared by every CLI command and deployment."""
+"""`--set key=value` overrides (qtsplus.presets.apply_overrides), shared by every CLI command and deployment."""
 
 from __future__ import annotations
 
 import pytest
 
-from qtsplus.config import apply_overrides
 from qtsplus.evaluation.config import EvalConfig
+from qtsplus.presets import apply_overrides
 from qtsplus.training.config import TrainConfig
 
 

@@ -21,7 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 import pytest
 
 from qtsplus.workers import check_pickle_compat, stage_worker
-from tasks.build_dataset import is_transient
+from tasks.common import is_transient
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from qtsplus.workers import run_in_stage_worker, stage_worker
-from tasks.build_dataset import is_transient
+from tasks.common import is_transient
 
 
 def test_worker_is_lazy_and_reused() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from qtsplus.config import config_from_preset
+from qtsplus.presets import config_from_preset
 from qtsplus.video import SamplingConfig
 
 # Methods with a meaning of their own; every other name is looked up in qtsplus.selectors.SELECTORS.
@@ -50,6 +50,7 @@ class EvalConfig(BaseModel):
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"methods": [TEACHER, NO_SELECTION, QTSPLUS, "uniform_frames", "random_tokens"], "max_vqa": 6,
               "vqa_max_new_tokens": 8, "latency_frames": [2, 4, 8, 16], "latency_max_new_tokens": 4},
-    "paper": {"methods": [TEACHER, QTSPLUS, "uniform_frames", "random_tokens", "flexselect", "vqtoken"],
+    "paper": {"methods": [TEACHER, QTSPLUS, "uniform_frames", "random_tokens", "flexselect", "vqtoken", "evs",
+                          "vidcom2"],
               "max_vqa": 500, "latency_frames": [50, 100, 200, 300, 400, 500, 600]},
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import resource
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import torch
@@ -15,7 +16,7 @@ from qtsplus.evaluation.config import EvalConfig
 from qtsplus.evaluation.harness import Harness, latency_sweep, run_predictions
 from qtsplus.evaluation.metrics import summarize
 from qtsplus.evaluation.report import plot_accuracy_vs_tokens, plot_latency_sweep, render_report
-from qtsplus.fingerprint import file_sha256
+from qtsplus.fingerprint import code_fingerprint, file_sha256
 from qtsplus.shards import write_text_atomic
 from schemas import EvalPrediction, to_table
 
@@ -32,6 +33,12 @@ class EvalSummary(BaseModel):
     tokdense: dict[str, float]
     predictions_sha256: str
     files: list[str]
+
+
+def depends_on(cfg: EvalConfig) -> dict[str, Any]:
+    """What an evaluation's report depends on besides the checkpoint's and the data's files: the cache key of the
+    evaluate task and the provenance in its run report."""
+    return {"config": cfg.model_dump(mode="json"), "code_version": code_fingerprint(evaluate_checkpoint)}
 
 
 def read_predictions(out: Path) -> list[EvalPrediction]:

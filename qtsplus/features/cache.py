@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,7 +41,7 @@ from qtsplus.features.store import (
     video_sha256,
     vision_fingerprint,
 )
-from qtsplus.fingerprint import code_version, file_sha256, fingerprint
+from qtsplus.fingerprint import canonical, code_fingerprint, file_sha256, fingerprint
 from qtsplus.shards import TMP_PREFIX, ShardFile, load_manifest, write_text_atomic
 from qtsplus.video import (
     QwenVideoInputs,
@@ -54,8 +55,6 @@ from qtsplus.video import (
     smart_resize,
 )
 
-CODE_MODULES = ("qtsplus.features.cache", "qtsplus.features.store", "qtsplus.features.config", "qtsplus.video",
-                "qtsplus.tiny")
 SHARD_SCHEMA = pa.schema([
     ("video_sha256", pa.string()),
     ("grid_thw", pa.list_(pa.int64(), 3)),
@@ -393,6 +392,11 @@ def run_feature_chunk(
                               tokens=sum(e.num_tokens for e in entries))
 
 
+def depends_on(spec: FeatureSpec) -> dict[str, Any]:
+    """What a feature chunk depends on besides its videos' bytes: the cache key and the set manifest's code version."""
+    return {"spec": canonical(spec), "code_version": code_fingerprint(run_feature_chunk)}
+
+
 def chunk_shards_verified(out: Path, result: FeatureChunkResult) -> bool:
     """True when every shard a (cached) chunk result names exists with its recorded size and sha256."""
     for shard in result.files:
@@ -415,7 +419,7 @@ def finalize_features(out: Path, spec: FeatureSpec, results: Iterable[FeatureChu
         set_id=spec.set_id, spec=spec, vision_sha256=next(iter(shas), None), files=files,
         videos={e.video_sha256: e for r in results for e in r.entries},
         failed=dict(sorted(((missing or {}) | {k: v for r in results for k, v in r.failed.items()}).items())),
-        bytes=sum(f.bytes for f in files), code_version=code_version(*CODE_MODULES),
+        bytes=sum(f.bytes for f in files), code_version=depends_on(spec)["code_version"],
     )
     referenced = {Path(f.path).name for f in files}
     if folder.is_dir():

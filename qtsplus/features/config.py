@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from qtsplus.config import config_from_preset
+from qtsplus.presets import config_from_preset
 from qtsplus.video import SamplingConfig
 
 StorageDtype = Literal["fp32", "bf16", "fp16", "fp8"]

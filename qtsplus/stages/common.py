@@ -6,7 +6,9 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from qtsplus.fingerprint import canonical
 from qtsplus.video import (
     PathOutsideRoot,
     SamplingConfig,
@@ -29,6 +31,12 @@ def engine_info(engine: object | None) -> dict[str, str]:
     if engine is None:
         return {}
     return {"model_id": str(engine.model_id), "revision": str(engine.revision)}  # type: ignore[attr-defined]
+
+
+def engine_settings(cfg: object) -> dict[str, Any]:
+    """An engine config as a stage's dependency: every setting but the interpreter path it runs under (what that
+    environment contributes, its library versions, is in the stage's code fingerprint)."""
+    return {k: v for k, v in canonical(cfg).items() if k != "python"}
 
 
 def make_reject(

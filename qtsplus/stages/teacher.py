@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from qtsplus.engines import EngineConfig, GenerationParams, Prompt, get_engine
-from qtsplus.prompts import mcq_user_prompt, vqa_user_prompt
+from qtsplus.engines import EngineConfig, GenerationParams, Prompt, engine_python, get_engine
+from qtsplus.fingerprint import canonical, code_fingerprint
+from qtsplus.prompts import MCQ, mcq_user_prompt, vqa_user_prompt
+from qtsplus.prompts import VQA as VQA_PROMPT
 from qtsplus.shards import ChunkResult, ShardFile, read_rows, write_chunk_shards
-from qtsplus.stages.common import engine_info, iter_video_groups, make_reject, stable_seed
+from qtsplus.stages.common import engine_info, engine_settings, iter_video_groups, make_reject, stable_seed
 from qtsplus.video import SamplingConfig
 from schemas import OPTION_KEYS, OptionProbs, Reject, VQAAnswer, VSCQ1Question, VSCQ2Question
 
@@ -25,6 +28,22 @@ class TeacherConfig(BaseModel):
     video: SamplingConfig = SamplingConfig()
     vqa_generation: GenerationParams = GenerationParams(temperature=0.0, max_new_tokens=128)
     group_size: int = Field(32, ge=1, description="questions decoded and sent to the engine together")
+
+
+def depends_on_vscq2(cfg: TeacherConfig, video_root: str) -> dict[str, Any]:
+    """What a VSCQ2 chunk depends on besides its questions (not the VQA settings: changing them keeps VSCQ2)."""
+    return {"engine": engine_settings(cfg.engine), "prompt_version": MCQ.version, "video_root": video_root,
+            "video_sampling": canonical(cfg.video), "group_size": cfg.group_size,
+            "parameters": {"scoring": "option-letter probabilities"},
+            "code_version": code_fingerprint(run_vscq2_chunk, python=engine_python(cfg.engine))}
+
+
+def depends_on_vqa(cfg: TeacherConfig, video_root: str) -> dict[str, Any]:
+    """What a QTS-VQA chunk depends on besides the kept questions."""
+    return {"engine": engine_settings(cfg.engine), "prompt_version": VQA_PROMPT.version, "video_root": video_root,
+            "video_sampling": canonical(cfg.video), "group_size": cfg.group_size,
+            "parameters": canonical(cfg.vqa_generation),
+            "code_version": code_fingerprint(run_vqa_chunk, python=engine_python(cfg.engine))}
 
 
 def run_vscq2_chunk(

@@ -11,13 +11,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from qtsplus.engines import EngineConfig, GenerationParams, Prompt, get_engine
+from qtsplus.engines import EngineConfig, GenerationParams, Prompt, engine_python, get_engine
+from qtsplus.fingerprint import canonical, code_fingerprint
 from qtsplus.prompts import VSCQ1, vscq1_user_prompt
 from qtsplus.shards import ChunkResult, ShardFile, read_rows, write_chunk_shards
-from qtsplus.stages.common import engine_info, make_reject, stable_seed
+from qtsplus.stages.common import engine_info, engine_settings, make_reject, stable_seed
 from schemas import OPTION_KEYS, Caption, GeneratedQuestion, Reject, VSCQ1Question, vscq1_generation_schema
 
 STAGE = "vscq1"
@@ -31,6 +33,15 @@ class Vscq1Config(BaseModel):
     n_questions: int = Field(3, ge=1, le=16)
     max_field_chars: int = Field(300, ge=8, description="max characters of every free-text field")
     shuffle_seed: int = 0
+
+
+def depends_on(cfg: Vscq1Config) -> dict[str, Any]:
+    """What a VSCQ1 chunk depends on besides its captions: the cache key and the manifest's provenance."""
+    return {"engine": engine_settings(cfg.engine), "prompt_version": VSCQ1.version,
+            "parameters": canonical(cfg.generation) | {"n_questions": cfg.n_questions,
+                                                        "max_field_chars": cfg.max_field_chars,
+                                                        "shuffle_seed": cfg.shuffle_seed},
+            "code_version": code_fingerprint(run_vscq1_chunk, python=engine_python(cfg.engine))}
 
 
 def question_problem(q: GeneratedQuestion) -> tuple[str, str] | None:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from qtsplus.config import REPO_ROOT, config_from_preset
+from qtsplus.paths import REPO_ROOT
+from qtsplus.presets import config_from_preset
 from qtsplus.video import SamplingConfig
 
 Variant = Literal["selector", "selector+lm"]

@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
-from qtsplus.fingerprint import file_sha256
+from qtsplus.fingerprint import code_fingerprint, file_sha256
 from qtsplus.shards import write_text_atomic
+from qtsplus.tiny import resolve_model
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.loop import METRICS, newest_checkpoint
 
@@ -31,6 +33,17 @@ class TrainResult(BaseModel):
     final_loss: float
     weights_sha256: str
     restarts: int
+
+
+def depends_on(cfg: TrainConfig) -> dict[str, Any]:
+    """What a training run's result depends on besides its dataset: the config (less where the launcher listens and
+    how often it may restart), the base model and its resolved revision, the code it runs. The cache key of the
+    train-selector task and the provenance in the run's report."""
+    config = cfg.model_dump(mode="json")
+    config["launcher"] = {k: v for k, v in config["launcher"].items() if k not in ("master_port", "max_restarts")}
+    _, revision = resolve_model(cfg.base_model, cfg.base_revision)
+    return {"config": config, "base_model": cfg.base_model, "base_revision": revision,
+            "code_version": code_fingerprint(run_training)}
 
 
 def free_port() -> int:
