@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 LOAD_LOG_ENV = "QTSPLUS_ENGINE_LOAD_LOG"
 NO_PROGRESS_ENV = "QTSPLUS_NO_PROGRESS"
+ENGINE_PYTHON_ENV = "QTSPLUS_ENGINE_PYTHON"  # the engine environment's interpreter, for stages with backend="vllm"
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,13 @@ class EngineConfig:
     batch_size: int = 8
     trust_remote_code: bool = False
     max_model_len: int = 32768
-    gpu_memory_utilization: float = 0.85  # vllm only
+    gpu_memory_utilization: float = 0.85  # vllm only (on the CPU: the share of system RAM vLLM may take)
     tensor_parallel_size: int = 1  # vllm only: GPUs one model is sharded over
+    kv_cache_gib: float | None = None  # vllm only: KV cache size; None: what gpu_memory_utilization leaves
+    enforce_eager: bool = False  # vllm only: no CUDA graphs / compilation (starts faster, decodes slower)
+    # The interpreter of the engine environment the stage worker runs under (docs/vllm.md), e.g.
+    # /opt/venvs/engine/bin/python; None: $QTSPLUS_ENGINE_PYTHON for backend="vllm", else this interpreter.
+    python: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,16 @@ def load_engine(cfg: EngineConfig) -> Engine:
     raise ValueError(f"unknown engine backend {cfg.backend!r}; expected 'transformers', 'vllm' or 'null'")
 
 
+def engine_python(cfg: EngineConfig) -> str | None:
+    """The interpreter a stage worker for ``cfg`` runs under: ``cfg.python``, else $QTSPLUS_ENGINE_PYTHON when the
+    backend is vLLM (which lives in its own environment, without Prefect), else None (this interpreter)."""
+    if cfg.python:
+        return cfg.python
+    if cfg.backend == "vllm":
+        return os.environ.get(ENGINE_PYTHON_ENV) or None
+    return None
+
+
 _ENGINES: dict[EngineConfig, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
 
@@ -144,6 +160,7 @@ __all__ = [
     "JsonResult",
     "MissingExtraError",
     "Prompt",
+    "engine_python",
     "get_engine",
     "load_engine",
     "record_load",
