@@ -183,3 +183,24 @@ def test_query_agnostic_and_deterministic(name):
     for q_seed in (0, 1, 2):  # another question, and the same one again
         out = selector(video(x, 2, 3, q_seed=q_seed), 7)
         assert kept(out) == kept(first) and torch.equal(out.scores, first.scores)
+
+
+@pytest.mark.parametrize("name", ["evs", "vidcom2"])
+def test_rows_are_found_by_their_positions_not_their_order(name):
+    """The same video with its rows shuffled and a padding row in the middle keeps the same tokens."""
+    x = randn(4 * 6, D, seed=16)
+    inputs = video(list(x.split(6)), 2, 3)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(17))
+    gap = torch.cat([perm[:10], torch.tensor([24]), perm[10:]])  # row 10 of the shuffled video is padding
+    shuffled = SelectorInput(
+        x=torch.cat([x, 1e3 * torch.ones(1, D)])[gap][None],
+        positions=torch.cat([inputs.positions[0], torch.zeros(1, 3, dtype=torch.long)])[gap][None],
+        times=torch.cat([inputs.times[0], torch.zeros(1)])[gap][None],
+        q=inputs.q,
+        x_mask=(gap < 24)[None],
+    )
+    selector = build_selector(name)
+    for n in [6, 9, 15]:
+        out, moved = selector(inputs, n), selector(shuffled, n)
+        assert sorted(gap[kept(moved)].tolist()) == kept(out)
+        torch.testing.assert_close(moved.scores[0, gap < 24], out.scores[0, gap[gap < 24]])

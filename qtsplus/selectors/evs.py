@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from qtsplus.selectors.base import Selection, Selector, SelectorInput, register, selection_from_keep
@@ -59,9 +58,9 @@ class EVS(Selector):
         scores = torch.zeros(inputs.x_mask.shape, device=inputs.x.device)
         extras = []
         for b in range(inputs.x.shape[0]):
-            real = inputs.x_mask[b].nonzero()[:, 0]  # [m]
+            real, x = real_rows(inputs, b)  # [m], [m, d]
             pred = predecessors(inputs.positions[b, real])  # [m], -1 where none
-            s = temporal_dissimilarity(inputs.x[b, real], pred)  # [m]
+            s = temporal_dissimilarity(x, pred)  # [m]
             kept = evs_keep(s, pred < 0, int(n[b]))  # [k] positions in `real`
             keep[b, real[kept]] = True
             scores[b, real] = s
@@ -83,14 +82,33 @@ def predecessors(positions: Tensor) -> Tensor:
 
 def temporal_dissimilarity(x: Tensor, pred: Tensor) -> Tensor:
     """x [m, d], pred [m] -> [m] float32: 1 - cos(x_i, x_pred(i)), clamped to [0, 2] (exactly 0 for an exact repeat,
-    so repeats tie and go in x order); 2 where there is no predecessor."""
-    has = pred >= 0
-    s = torch.full((x.shape[0],), NO_PREDECESSOR_SCORE, device=x.device)
+    so repeats tie and go in x order); 2 where there is no predecessor.
+
+    On a full t-major grid (the predecessor of row i is row i - P) the rows are compared as two views of x, with no
+    gathered copy; otherwise the predecessors are gathered."""
     x = x.float()
-    a, b = x[has], x[pred[has]]
-    s[has] = (1 - F.cosine_similarity(a, b, dim=-1)).clamp(0.0, NO_PREDECESSOR_SCORE)
-    s[has.nonzero()[:, 0][(a == b).all(-1)]] = 0.0  # an exact repeat is 0, not 0 plus rounding noise
+    rows = (pred >= 0).nonzero()[:, 0]  # rows with a predecessor, ascending
+    P = x.shape[0] - rows.numel()
+    if P > 0 and rows.numel() and int(rows[0]) == P and bool((pred[rows] == rows - P).all()):
+        a, b = x[P:], x[:-P]
+    else:
+        a, b = x[rows], x[pred[rows]]
+    norm = torch.linalg.vector_norm(x, dim=-1)  # [m]
+    cos = torch.einsum("md,md->m", a, b) / (norm[rows] * norm[pred[rows]]).clamp(min=1e-8)
+    s = torch.full((x.shape[0],), NO_PREDECESSOR_SCORE, device=x.device)
+    s[rows] = (1 - cos).clamp(0.0, NO_PREDECESSOR_SCORE)
+    near = (s[rows] < 1e-4).nonzero()[:, 0]  # candidates for an exact repeat
+    s[rows[near[(a[near] == b[near]).all(-1)]]] = 0.0  # 0, not 0 plus rounding noise
     return s
+
+
+def real_rows(inputs: SelectorInput, b: int) -> tuple[Tensor, Tensor]:
+    """Video b's real rows: their indices [m] in x and the rows [m, d] (a view of x when they come first, as
+    `SelectorInput.from_grid` and `from_qwen` lay them out; a gathered copy otherwise)."""
+    real = inputs.x_mask[b].nonzero()[:, 0]
+    m = real.numel()
+    prefix = m == 0 or int(real[-1]) == m - 1
+    return real, inputs.x[b, :m] if prefix else inputs.x[b, real]
 
 
 def evs_keep(s: Tensor, first: Tensor, n: int) -> Tensor:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qtsplus.selectors.base import Selection, Selector, SelectorInput, register, selection_from_keep
+from qtsplus.selectors.evs import real_rows
 
 
 @dataclass
@@ -66,9 +67,9 @@ class VidCom2(Selector):
         scores = torch.zeros(inputs.x_mask.shape, device=inputs.x.device)
         extras = []
         for b in range(inputs.x.shape[0]):
-            real = inputs.x_mask[b].nonzero()[:, 0]  # [m]
+            real, x = real_rows(inputs, b)  # [m], [m, d]
             frame = torch.unique(inputs.positions[b, real, 0], return_inverse=True)[1]  # [m] frame of each token
-            uniqueness, frame_share = self.score(inputs.x[b, real], frame)  # [m], [T]
+            uniqueness, frame_share = self.score(x, frame)  # [m], [T]
             sizes = torch.bincount(frame)  # [T]
             weight = 1 + frame_share - 1 / len(sizes)  # 1 + p_t - mean(p)
             budget = frame_budgets(int(n[b]), weight, sizes, self.config.min_tokens_per_frame)  # [T]
@@ -86,14 +87,18 @@ class VidCom2(Selector):
         f = F.normalize(x[:, channels], dim=-1)  # [m, c]
         sizes = torch.bincount(frame)[:, None]  # [T, 1]
         frame_centre = torch.zeros(len(sizes), c, device=x.device).index_add_(0, frame, f) / sizes  # [T, c]
-        to_video = self.kernel(f, f.mean(0, keepdim=True))  # [m]
-        to_frame = self.kernel(f, frame_centre[frame])  # [m]
+        video_centre = f.mean(0)  # [c]
+        # |f - g|^2 = |f|^2 - 2 f.g + |g|^2, without an [m, c] difference per centre
+        f_sq = torch.einsum("mc,mc->m", f, f)
+        to_video = self.kernel(f_sq - 2 * f @ video_centre + video_centre.square().sum())  # [m]
+        g_sq = frame_centre.square().sum(-1)  # [T]
+        to_frame = self.kernel(f_sq - 2 * torch.einsum("mc,mc->m", f, frame_centre[frame]) + g_sq[frame])  # [m]
         distinct = -torch.zeros(len(sizes), device=x.device).index_add_(0, frame, to_video) / sizes[:, 0]  # [T]
         return -(to_video + to_frame), torch.softmax(distinct / self.config.temperature, 0)
 
-    def kernel(self, a: Tensor, b: Tensor) -> Tensor:
-        """[m, c], [m or 1, c] -> [m]: sum over the bandwidths of exp(-|a - b|^2 / (2 alpha))."""
-        dist = (a - b).square().sum(-1)
+    def kernel(self, dist: Tensor) -> Tensor:
+        """Squared distances [m] -> [m]: the sum over the bandwidths of exp(-dist / (2 alpha))."""
+        dist = dist.clamp(min=0.0)  # rounding can take |f - g|^2 of a token at its centre just below 0
         return sum(torch.exp(-dist / (2 * alpha)) for alpha in self.config.alphas)
 
 
