@@ -27,7 +27,8 @@ Where this differs from vLLM's `compute_retention_mask` (vllm/multimodal/video_p
   method is compared at the same token count; below one token per frame (n < T) no frame is floored.
 - Ties are broken by position (channels, tokens, frames), not left to `topk`, so the result is deterministic.
 - Batches: one video at a time over its real rows (padding rows are never scored or kept); frames may hold different
-  token counts. Computed in float32 whatever the input dtype.
+  token counts. Computed in float32 whatever the input dtype; squared distances to the centres as
+  |f|^2 - 2 f.g + |g|^2 (no [m, c] difference per centre; the same up to rounding, clamped at 0).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def frame_budgets(n: int, weight: Tensor, sizes: Tensor, min_per_frame: int = 1)
         return torch.minimum(torch.maximum(lam * w, lo), hi)
 
     low, high = 0.0, float((hi / w).max())  # all at lo ... all at their size
-    for _ in range(200):
+    for _ in range(100):  # past float64 precision
         mid = (low + high) / 2
         low, high = (mid, high) if quotas(mid).sum() < n else (low, mid)
     quota = quotas(high)
