@@ -5,6 +5,8 @@ question; the video is a grid of 12 x 16 merged tokens per time step (192 tokens
 step, T = M / 192 steps. Every selector gets the same budget (default 10% of M) and runs in inference mode.
 
 - none, uniform_frames, random_tokens: index bookkeeping only.
+- evs, vidcom2 (vLLM's training-free pruners): one pass of cosines to the previous frame; channel variances and
+  kernel distances to the video and frame centres.
 - qtsplus: the QTSplus selector (scoring depth 1, re-encoding depth 1) at the given budget.
 - flexselect: the host LM's first `--reference-layer` decoder layers plus the reference layer's q/k, per frame set of
   32 steps. The host is a Qwen2.5-VL text model at 3B shapes holding only layers 0..reference (the ones FlexSelect
