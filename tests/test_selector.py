@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch import Tensor
 
 from qtsplus.selectors.base import compact, topk_keep
 from qtsplus.selectors.qtsplus import (
@@ -19,6 +21,7 @@ from qtsplus.selectors.qtsplus import (
     memory_cost,
     training_gate,
 )
+from qtsplus.selectors.qtsplus.selector import ScoringHead, _reference_head_scores
 
 D = 32
 
@@ -194,6 +197,154 @@ def test_gradients_reach_scorer_budget_head_and_reencoder():
     out.rho.register_hook(rho_grads.append)
     (out.tokens * target)[out.token_mask].sum().backward()
     assert rho_grads[0].abs().sum() > 0
+
+
+# -------------------------------------------------------------------------------------- scorer: folded norm, streamed
+
+
+def scoring_inputs(lengths: list[int], q_lengths: list[int], dtype: torch.dtype, seed: int = 0):
+    """A selector whose scoring head has a non-trivial x-side norm weight and k bias (so folding them is exercised)
+    and q/k weights that spread log r over a few nats (as a trained head does), and a padded batch in `dtype`."""
+    sel = make_selector(seed=seed)
+    spread_scores(sel)
+    sel = sel.to(dtype)
+    (x, q, _, xm, qm), _ = ragged_batch(lengths, q_lengths, seed=seed)
+    return sel, x.to(dtype), q.to(dtype), xm, qm
+
+
+@torch.no_grad()
+def spread_scores(sel: QTSplusSelector) -> None:
+    head = sel.scorer.head
+    head.x_norm.weight.uniform_(0.2, 2.0)
+    head.k_proj.bias.normal_()
+    head.q_proj.weight.normal_(std=0.3)  # log r spread ~1.6 nats at M = 1000 (~0.01 at the 0.02 init)
+    head.k_proj.weight.normal_(std=0.3)
+
+
+def assert_matches_reference(head, x: Tensor, xm: Tensor, q: Tensor, qm: Tensor, new: Tensor, n: int) -> Tensor:
+    """`new` (log r [B, M]) against `_reference_head_scores` (returned). float32: within 1e-5 nats and the same top-n
+    token for token. bfloat16, where the reference itself is off by bf16 rounding: no less accurate than the reference
+    against a float64 evaluation of the same weights and inputs, and a top-n that differs from the reference's only
+    by swaps among tokens within that rounding of the n-th score."""
+    with torch.no_grad():
+        ref = _reference_head_scores(head, x, xm, q, qm)
+    assert new.dtype == torch.float32 and new.shape == ref.shape
+    assert torch.equal(new == -math.inf, ~xm) and torch.equal(ref == -math.inf, ~xm)  # -inf exactly at padding
+    tol = 0.0
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(new[xm], ref[xm], rtol=0, atol=1e-5)
+    else:
+        with torch.no_grad():
+            truth = _reference_head_scores(copy.deepcopy(head).double(), x.double(), xm, q.double(), qm)
+        err_new, err_ref = (new - truth)[xm].abs(), (ref - truth)[xm].abs()
+        assert err_new.mean() <= 1.25 * err_ref.mean() and err_new.max() <= 1.5 * err_ref.max(), (
+            float(err_new.mean()), float(err_ref.mean()), float(err_new.max()), float(err_ref.max()))  # fmt: skip
+        tol = float(err_new.max() + err_ref.max())
+    for b in range(ref.shape[0]):
+        m = int(xm[b].sum())
+        k = min(n, m)
+        top_ref, top_new = set(ref[b, :m].topk(k).indices.tolist()), set(new[b, :m].topk(k).indices.tolist())
+        if tol == 0.0:
+            assert top_new == top_ref, b
+        cut = ref[b, :m].topk(k).values[-1]
+        for i in top_ref ^ top_new:
+            assert abs(float(ref[b, i] - cut)) <= tol, (b, i, float(ref[b, i]), float(cut))
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [None, 64, 1000])
+def test_streamed_scorer_matches_reference(dtype, block_size):
+    """Folded norm + streamed log-softmax give the r of the original head: several M (1, below, at, above and not a
+    multiple of the block), padded videos (whole blocks of padding) and padded question tokens."""
+    sel, x, q, xm, qm = scoring_inputs([1000, 64, 65, 1, 130], [5, 1, 3, 2, 5], dtype)
+    head = sel.scorer.head
+    head.block_size = block_size
+    with torch.no_grad():
+        new = head(x, xm, q, qm)
+    assert_matches_reference(head, x, xm, q, qm, new, n=50)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_scorer_at_larger_m(dtype):
+    """A long video next to a short one at the default block size (4096 on CPU): several blocks, ragged last block."""
+    sel, x, q, xm, qm = scoring_inputs([9001, 4096], [7, 3], dtype, seed=1)
+    head = sel.scorer.head
+    with torch.inference_mode():
+        new = head(x, xm, q, qm)
+    assert_matches_reference(head, x, xm, q, qm, new, n=900)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_scorer_gives_the_same_budget_and_selection(dtype):
+    """Through the whole selector (scoring depth 2): the budget head's inputs max r and H(p), rho, n and the kept
+    indices equal those computed from the original head's r."""
+    sel = make_selector(seed=2, scoring_depth=2, n_max=10_000)
+    spread_scores(sel)
+    sel = sel.to(dtype).eval()
+    sel.scorer.head.block_size = 128
+    (x, q, _, xm, qm), _ = ragged_batch([700, 300, 41], [6, 2, 4], seed=2)
+    x, q = x.to(dtype), q.to(dtype)
+    with torch.no_grad():
+        out = sel(x, q, torch.zeros(xm.shape), xm, qm)
+        question = sel.scorer.blocks[0](q, xm, context=x)
+    n = int(out.budget.min())
+    ref = assert_matches_reference(sel.scorer.head, x, xm, question, qm, out.scores.log(), n)
+    num_tokens = xm.sum(-1)
+    r_ref, r_new = ref.exp().masked_fill(~xm, 0.0), out.scores
+
+    def features(r: Tensor) -> tuple[Tensor, Tensor]:  # what BudgetHead reads from the scorer
+        p = r / (r.sum(-1, keepdim=True) + 1e-8)
+        return r.amax(-1), -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=5e-2, atol=1e-3)
+    for a, b in zip(features(r_new), features(r_ref), strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():
+        rho_ref = sel.budget_head(q, qm, r_ref, num_tokens)
+    torch.testing.assert_close(out.rho, rho_ref, **({} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)))
+    if dtype == torch.float32:
+        assert torch.equal(out.budget, budget_size(rho_ref, num_tokens, 10_000))
+        s_ref = ref + num_tokens.float().log()[:, None]
+        indices, mask = compact(topk_keep(s_ref, out.budget))
+        assert torch.equal(out.indices, indices) and torch.equal(out.token_mask, mask)
+
+
+def test_scorer_training_form_has_the_reference_gradients():
+    """Under autograd the head is the folded whole-logit form: the reference's values and gradients (for the x-side
+    norm weight, k_proj, q_proj, and the inputs)."""
+    sel, x, q, xm, qm = scoring_inputs([120, 47], [4, 2], torch.float32, seed=3)
+    head = sel.scorer.head
+    x.requires_grad_()
+    weights = torch.randn(xm.shape).masked_fill(~xm, 0.0)  # an arbitrary loss on the finite scores
+
+    def grads(fn) -> list[Tensor]:
+        head.zero_grad()
+        x.grad = None
+        log_r = fn(head, x, xm, q, qm)
+        (log_r.masked_fill(~xm, 0.0) * weights).sum().backward()
+        return [log_r.detach(), x.grad, head.x_norm.weight.grad, head.k_proj.weight.grad, head.q_proj.weight.grad,
+                head.q_norm.weight.grad]  # fmt: skip
+
+    new, ref = grads(ScoringHead.forward), grads(_reference_head_scores)
+    for a, b in zip(new, ref, strict=True):  # float32 rounding, relative to each gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * float(b.abs().max()))
+
+
+def test_scorer_streams_without_autograd_only():
+    """no_grad / inference_mode take the streamed form, grad mode the differentiable one; both agree."""
+    sel, x, q, xm, qm = scoring_inputs([300, 100], [3, 3], torch.float32, seed=4)
+    head = sel.scorer.head
+    head.block_size = 32
+    whole = head(x, xm, q, qm)
+    assert whole.requires_grad  # parameters require grad: the differentiable form
+    with torch.no_grad():
+        streamed = head(x, xm, q, qm)
+    with torch.inference_mode():
+        inference = head(x, xm, q, qm)
+    assert not streamed.requires_grad
+    assert torch.equal(streamed, inference)
+    torch.testing.assert_close(streamed, whole.detach(), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- batching, dtypes

@@ -188,6 +188,27 @@ class CrossAttentionScorer(nn.Module):
 
 
 class ScoringHead(nn.Module):
+    """The last scoring layer: log r_i = max_{h,l} log softmax_i(q_{h,l} . k_i / sqrt(d_h)) over the M tokens, with
+    q = W_q RMSNorm_q(Q) and k_i = W_k RMSNorm_x(x_i) + b (grouped: query head j reads K/V head j // g).
+
+    The x-side RMSNorm is folded into k_proj. RMSNorm(x_i) = w * x_i * s_i with s_i = rsqrt(mean x_i^2 + eps), so
+    k_i = (W_k diag(w)) x_i s_i + b: the folded [h_kv d_h, d] weight is formed at every call (the parameters, hence
+    checkpoints, LM initialisation and optimiser state, are unchanged, and nothing cached can go stale) and s_i scales
+    the [M, h_kv d_h] keys, so no [M, d] tensor is ever made.
+
+    Two forms, chosen per call:
+    - under autograd (training; any input or parameter that requires grad, grad mode on): whole logits
+      [B, h_kv, g L, M] and a log-softmax over M, as in the paper; differentiable, O(M (h_kv d_h + h L)) memory.
+    - without autograd (inference: torch.no_grad / inference_mode, or frozen weights and inputs): streamed over M in
+      blocks of `block_size` tokens. Pass 1 makes each block's keys and logits and updates an online log-sum-exp
+      per query row; pass 2 recomputes each block's logits from the stored keys and takes max_{h,l} (logit - lse).
+      Peak memory: the keys [B, M, h_kv d_h] plus one block of logits, whatever M. The bias b adds q . b to every
+      logit of a row, which the softmax over M cancels, so this form leaves it out. This form is inference-only.
+    Both give the r of the original formulation (`_reference_head_scores`) within float rounding (tested).
+    """
+
+    block_size: int | None = None  # tokens per block of the streamed form; None: 4096 on CPU, 65536 on CUDA
+
     def __init__(self, config: SelectorConfig) -> None:
         super().__init__()
         self.config = config
@@ -198,19 +219,97 @@ class ScoringHead(nn.Module):
         self.k_proj = nn.Linear(d, h_kv * d_h, bias=config.attention_bias)
 
     def forward(self, x: Tensor, x_mask: Tensor, q: Tensor, q_mask: Tensor) -> Tensor:
-        B, M, _ = x.shape
-        L = q.shape[1]
+        """x [B, M, d], x_mask [B, M], q [B, L, d], q_mask [B, L] -> log r [B, M] float32, -inf at padding."""
+        B, L = q.shape[:2]
         h_kv, d_h = self.config.num_kv_heads, self.config.head_dim
         g = self.config.num_heads // h_kv
         # query head j uses K/V head j // g (Qwen's repeat_kv order); group the g*L query rows of each K/V head
         qh = self.q_proj(self.q_norm(q)).view(B, L, h_kv, g, d_h)
         qh = qh.permute(0, 2, 3, 1, 4).reshape(B, h_kv, g * L, d_h)  # [B, h_kv, g L, d_h]
-        kh = self.k_proj(self.x_norm(x)).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
-        logits = (qh @ kh.transpose(-1, -2)).float() * d_h**-0.5  # [B, h_kv, g L, M]
+        rows = q_mask[:, None, None, :].expand(B, 1, g, L).reshape(B, 1, g * L)  # [B, 1, g L] real question rows
+        if torch.is_grad_enabled() and (
+            x.requires_grad or qh.requires_grad or self.k_proj.weight.requires_grad or self.x_norm.weight.requires_grad
+        ):
+            return self._whole(x, x_mask, qh, rows)
+        return self._streamed(x, x_mask, qh, rows)
+
+    def _folded_weight(self, dtype: torch.dtype) -> Tensor:
+        """W_k diag(w): [h_kv d_h, d], formed in float32 and rounded once to the compute dtype."""
+        return (self.k_proj.weight.float() * self.x_norm.weight.float()).to(dtype)
+
+    def _keys(self, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """x [B, m, d] -> unscaled keys (W_k diag(w)) x_i [B, m, h_kv d_h] and their float32 scale
+        s_i / sqrt(d_h) [B, m], s_i = rsqrt(mean x_i^2 + eps). The scale is applied to the float32 logits."""
+        sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()  # no [m, d] temporary
+        scale = torch.rsqrt(sq / x.shape[-1] + self.config.rms_norm_eps) * self.config.head_dim**-0.5
+        return F.linear(x, weight), scale
+
+    def _logits(self, qh: Tensor, keys: Tensor, scale: Tensor) -> Tensor:
+        """[B, h_kv, g L, d_h] queries, [B, m, h_kv d_h] keys, [B, m] scale -> float32 logits [B, h_kv, g L, m]."""
+        B, m, _ = keys.shape
+        kt = keys.view(B, m, self.config.num_kv_heads, self.config.head_dim).permute(0, 2, 3, 1)  # [B, h_kv, d_h, m]
+        return (qh @ kt).float().mul_(scale[:, None, None, :])
+
+    def _whole(self, x: Tensor, x_mask: Tensor, qh: Tensor, rows: Tensor) -> Tensor:
+        logits = self._logits(qh, *self._keys(x, self._folded_weight(qh.dtype)))  # [B, h_kv, g L, M]
+        if self.k_proj.bias is not None:  # + q . b / sqrt(d_h) per row: no effect on r, kept so the graph is the layer's
+            b = self.k_proj.bias.view(self.config.num_kv_heads, self.config.head_dim, 1)  # [h_kv, d_h, 1]
+            logits = logits + (qh @ b).float() * self.config.head_dim**-0.5
         log_alpha = logits.masked_fill(~x_mask[:, None, None, :], -math.inf).log_softmax(-1)  # softmax over M
-        rows = q_mask[:, None, None, :].expand(B, 1, g, L).reshape(B, 1, g * L, 1)
-        log_alpha = log_alpha.masked_fill(~rows, -math.inf)  # padded question tokens never win the max
+        log_alpha = log_alpha.masked_fill(~rows[..., None], -math.inf)  # padded question tokens never win the max
         return log_alpha.amax(dim=(1, 2))  # [B, M]: max over heads and question tokens
+
+    @torch.no_grad()
+    def _streamed(self, x: Tensor, x_mask: Tensor, qh: Tensor, rows: Tensor) -> Tensor:
+        B, M, _ = x.shape
+        block = self.block_size or (65_536 if x.device.type == "cuda" else 4096)
+        weight = self._folded_weight(qh.dtype)
+        starts = range(0, M, block)
+        padded = not bool(x_mask.all())
+
+        def block_logits(j: int, keys: Tensor, scale: Tensor) -> Tensor:  # [B, h_kv, g L, m] float32
+            logits = self._logits(qh, keys, scale)
+            if padded:
+                logits.masked_fill_(~x_mask[:, None, None, j : j + keys.shape[1]], -math.inf)
+            return logits
+
+        # pass 1: keys, and per query row an online log-sum-exp over M (running max and sum of exp)
+        keys = []  # per block: unscaled keys [B, m, h_kv d_h] and their scale [B, m]
+        row_max = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
+        row_sum = torch.zeros_like(row_max)
+        for j in starts:
+            keys.append(self._keys(x[:, j : j + block], weight))
+            logits = block_logits(j, *keys[-1])
+            new_max = torch.maximum(row_max, logits.amax(-1))
+            shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # a row with no real key yet: its sum stays 0
+            row_sum = row_sum * (row_max - shift).exp() + logits.sub_(shift[..., None]).exp_().sum(-1)
+            row_max = new_max
+        lse = (shift + row_sum.log()).masked_fill(~rows, math.inf)  # padded question rows: never the max
+
+        # pass 2: log alpha = logit - lse, max over heads and question rows
+        log_r = torch.empty(B, M, dtype=torch.float32, device=x.device)
+        for i, j in enumerate(starts):
+            logits = block_logits(j, *keys[i])
+            keys[i] = None  # each block's keys are freed once used
+            log_r[:, j : j + block] = logits.sub_(lse[..., None]).amax(dim=(1, 2))
+        return log_r
+
+
+def _reference_head_scores(head: ScoringHead, x: Tensor, x_mask: Tensor, q: Tensor, q_mask: Tensor) -> Tensor:
+    """The scoring head as first written: RMSNorm over X ([B, M, d] temporaries), k_proj, whole logits. The check
+    that the folded and streamed forms compute the same r (tests/test_selector.py, benchmarks/selector.py)."""
+    B, M, _ = x.shape
+    L = q.shape[1]
+    h_kv, d_h = head.config.num_kv_heads, head.config.head_dim
+    g = head.config.num_heads // h_kv
+    qh = head.q_proj(head.q_norm(q)).view(B, L, h_kv, g, d_h)
+    qh = qh.permute(0, 2, 3, 1, 4).reshape(B, h_kv, g * L, d_h)  # [B, h_kv, g L, d_h]
+    kh = head.k_proj(head.x_norm(x)).view(B, M, h_kv, d_h).transpose(1, 2)  # [B, h_kv, M, d_h]
+    logits = (qh @ kh.transpose(-1, -2)).float() * d_h**-0.5  # [B, h_kv, g L, M]
+    log_alpha = logits.masked_fill(~x_mask[:, None, None, :], -math.inf).log_softmax(-1)  # softmax over M
+    rows = q_mask[:, None, None, :].expand(B, 1, g, L).reshape(B, 1, g * L, 1)
+    log_alpha = log_alpha.masked_fill(~rows, -math.inf)  # padded question tokens never win the max
+    return log_alpha.amax(dim=(1, 2))  # [B, M]: max over heads and question tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
