@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-if TYPE_CHECKING:  # optional / lazily imported decoders
+if TYPE_CHECKING:  # optional / lazily imported decoders; torch only where pixels are packed (cached runs skip it)
     import av
     import decord
+    import torch
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "PathOutsideRoot",
+    "ProbeCheck",
     "QwenVideoInputs",
     "SamplingConfig",
     "VideoClip",
@@ -48,6 +49,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "decord", "pyav"]
+# how hard probe_video looks: "open" the container (decord also reads every packet when it opens a file) or the first
+# image; "scan" also reads every packet with PyAV and decodes every image of a frames folder at reduced size;
+# "decode" also decodes every frame of a file (PyAV) and every image at full size
+ProbeCheck = Literal["open", "scan", "decode"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -215,15 +220,35 @@ def list_frame_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: _natural_key(p.name))
 
 
-def _probe_frames_folder(folder: Path, fps: float) -> VideoMeta:
+_IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+def _check_image(path: Path, index: int, count: int, full: bool) -> None:
+    """Decode one image (JPEG at 1/8 size through PIL's `draft` unless `full`: the same entropy decoding, so the
+    same errors, at a fraction of the cost); VideoError naming the frame if it does not decode."""
+    try:
+        with Image.open(path) as img:
+            if full:
+                img.convert("RGB")
+            else:
+                img.draft(None, (1, 1))
+                img.load()
+    except _IMAGE_ERRORS as e:
+        raise VideoError(f"{path}: frame {index} of {count} does not decode: {e}") from e
+
+
+def _probe_frames_folder(folder: Path, fps: float, check: ProbeCheck = "open") -> VideoMeta:
     files = list_frame_files(folder)
     if not files:
         raise VideoError(f"{folder}: folder holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     try:
         with Image.open(files[0]) as img:
             width, height = img.size
-    except (OSError, UnidentifiedImageError) as e:
+    except _IMAGE_ERRORS as e:
         raise VideoError(f"{files[0]}: cannot read image: {e}") from e
+    if check != "open":
+        for i, file in enumerate(files):
+            _check_image(file, i, len(files), full=check == "decode")
     return VideoMeta(len(files), float(fps), len(files) / fps, width, height, "frames")
 
 
@@ -340,6 +365,27 @@ def _probe_pyav(path: Path) -> VideoMeta:
     return VideoMeta(n, fps, n / fps, width, height, "pyav")
 
 
+def _check_stream(path: Path, header_frames: int, decode: bool) -> None:
+    """Read every packet of the first video stream (and decode every frame if `decode`); VideoError if reading
+    fails or finds fewer frames than the header promises (beyond the slack decoding tolerates): a truncated file
+    whose header survived, or (decoding) corrupt data inside an intact container."""
+    import av
+
+    container, stream, _ = _pyav_stream_info(path)
+    count, what = 0, "frames decode" if decode else "packets read"
+    with container:
+        try:
+            if decode:
+                for _ in container.decode(stream):
+                    count += 1
+            else:
+                count = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise VideoError(f"{path}: PyAV fails after {count} {what}: {_first_line(e)}") from e
+    if count < 1 or header_frames - count > PYAV_FRAME_COUNT_SLACK:
+        raise VideoError(f"{path}: header says {header_frames} frames but only {count} {what} (truncated?)")
+
+
 def _pyav_decode_indices(path: Path, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
     """Decode in presentation order, keeping the wanted frames; returns them and how many frames were seen."""
     import av
@@ -396,24 +442,41 @@ def _check_backend(backend: str) -> None:
 # --------------------------------------------------------------------------------------------- public
 
 
-def probe_video(path: Path | str, *, frames_folder_fps: float = 1.0, backend: Backend = "auto") -> VideoMeta:
-    """Cheap metadata for a video file (decord, else PyAV) or a folder of frames; raises VideoError."""
+def probe_video(
+    path: Path | str, *, frames_folder_fps: float = 1.0, backend: Backend = "auto", check: ProbeCheck = "open"
+) -> VideoMeta:
+    """Metadata for a video file (decord, else PyAV) or a folder of frames; raises VideoError.
+
+    `check` says how much is read to find a video that would fail to decode later: "open" (cheap: the header, the
+    first frame or image), "scan" (also every packet of a file, every image of a folder decoded at reduced size) or
+    "decode" (also every frame of a file and every image at full size: about the cost of decoding the whole video).
+    """
     path = Path(path)
     _check_backend(backend)
+    if check not in ("open", "scan", "decode"):
+        raise ValueError(f"check must be 'open', 'scan' or 'decode', got {check!r}")
     if path.is_dir():
-        return _probe_frames_folder(path, frames_folder_fps)
+        return _probe_frames_folder(path, frames_folder_fps, check)
     _check_file(path)
     if backend == "pyav" or (backend == "auto" and not _decord_available()):
-        return _probe_pyav(path)
-    if backend == "decord":
-        return _probe_decord(path)
-    try:
-        return _probe_decord(path)
-    except VideoError as decord_error:
+        meta = _probe_pyav(path)
+    elif backend == "decord":
+        meta = _probe_decord(path)
+    else:
         try:
-            return _probe_pyav(path)
-        except VideoError as pyav_error:
-            raise VideoError(f"{decord_error}; {pyav_error}") from pyav_error
+            meta = _probe_decord(path)
+        except VideoError as decord_error:
+            try:
+                meta = _probe_pyav(path)
+                if check != "open":
+                    _check_stream(path, meta.num_frames, decode=check == "decode")
+            except VideoError as pyav_error:
+                raise VideoError(f"{decord_error}; {pyav_error}") from pyav_error
+            return meta
+    # decord reads every packet when it opens a file: "scan" adds nothing to a decord probe
+    if check == "decode" or (check == "scan" and meta.backend == "pyav"):
+        _check_stream(path, meta.num_frames, decode=check == "decode")
+    return meta
 
 
 def _resize_frames(frames: Sequence[np.ndarray] | np.ndarray, cfg: SamplingConfig, source: str) -> np.ndarray:
@@ -497,6 +560,8 @@ def qwen_video_inputs(
     unit = patch_size * merge_size
     if h % unit or w % unit:
         raise ValueError(f"frame size {h}x{w} is not a multiple of {unit}; resize with smart_resize first")
+    import torch
+
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).to(torch.float32)
     x = x * (1.0 / 255.0)
     mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=torch.float32).view(1, c, 1, 1)
