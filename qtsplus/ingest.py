@@ -2,27 +2,37 @@
 
 Two passes, both streamed:
 1. `scan_input` reads the file once and cuts it into chunks of `chunk_size` input rows (good or bad), recording each
-   chunk's byte range and a hash of its raw bytes, and which rows repeat an id seen earlier. Appending rows to the
-   file leaves every complete earlier chunk, and so its hash and its cache key, unchanged.
+   chunk's byte range and a hash of its raw bytes, and which rows repeat an id seen earlier (and where it was first
+   seen). Appending rows to the file leaves every complete earlier chunk, and so its hash and its cache key,
+   unchanged.
 2. `ingest_chunk` parses and validates the rows of one chunk and writes its `captions` shards and rejects.
 
 Accepted formats: ShareGPTVideo caption JSONL (`id`, `video`, `conversations` with the caption as the first `gpt`
-turn) and plain `{video_id, video, caption}` rows as JSONL or Parquet.
+turn) and plain `{video_id, video, caption}` rows as JSONL or Parquet. JSONL may use CRLF line ends and may carry a
+UTF-8 byte-order mark at the start of any line (a file saved with a BOM, or several such files concatenated).
 
-Memory: the scan keeps one 16-byte digest per distinct id (to find duplicates); everything else is streamed.
+Duplicates: the first row that parses as a caption claims its id; every later row with the same id is rejected as
+`duplicate_id`, its detail naming where the id was first seen. A JSONL caption file built by concatenating other
+files may have a sidecar `<file>.sources.json` (a list of `{name, start, end}` byte ranges, as `qtsplus.inbox`
+writes it); then every reject's detail also names the file and row its row came from.
+
+Memory: the scan keeps one 16-byte digest and the first row per distinct id (to find duplicates); everything else is
+streamed.
 """
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import hashlib
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
@@ -43,6 +53,12 @@ class IngestConfig(BaseModel):
     split_salt: str = Field("qtsplus-split-v1", description="salt of the train/eval hash split by video")
     max_caption_chars: int = Field(8000, ge=1)
     probe_videos: bool = Field(True, description="open each video at ingest to reject unreadable ones early")
+    video_check: Literal["open", "scan", "decode"] = Field(
+        "scan",
+        description="how hard the probe looks (qtsplus.video.probe_video's `check`): 'open' the container or the "
+        "first image; 'scan' also reads every packet of a file and decodes every image of a frames folder at 1/8 "
+        "size; 'decode' also decodes every frame of a file (about one full decode per video)",
+    )
     frames_folder_fps: float = Field(1.0, gt=0, description="native fps assumed for folders of frames")
 
 
@@ -62,8 +78,29 @@ class RowError(ValueError):
 
 
 @dataclass(frozen=True)
+class SourceRange:
+    """Bytes [start, end) of a caption file that came from the file `name` (an inbox drop, say)."""
+
+    name: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Where the rows of a source range are: its first row in the input (`first_row`) and in bytes (`start`)."""
+
+    name: str
+    start: int
+    first_row: int
+
+
+@dataclass(frozen=True)
 class ChunkSpec:
-    """A chunk of the input: rows [start_row, start_row + num_rows), its bytes and their hash."""
+    """A chunk of the input: rows [start_row, start_row + num_rows), its bytes and their hash.
+
+    `duplicates` holds (row, where its id was first seen) for the rows that repeat an id; `sources` the source files
+    that the chunk's rows came from (empty unless the input has a sources sidecar)."""
 
     chunk: int
     start_row: int
@@ -71,7 +108,12 @@ class ChunkSpec:
     byte_offset: int
     byte_length: int
     raw_sha256: str
-    duplicate_rows: tuple[int, ...] = ()
+    duplicates: tuple[tuple[int, str], ...] = ()
+    sources: tuple[RowSource, ...] = ()
+
+    @property
+    def duplicate_rows(self) -> tuple[int, ...]:
+        return tuple(row for row, _ in self.duplicates)
 
 
 @dataclass
@@ -80,6 +122,34 @@ class RawRow:
     raw: str
     data: dict | None = None
     error: RowError | None = None
+
+
+def sources_path(path: Path) -> Path:
+    """The sidecar that says which byte ranges of a concatenated caption file came from which file."""
+    return path.with_name(path.name + ".sources.json")
+
+
+def read_sources(path: Path) -> list[SourceRange]:
+    """The byte ranges of `path`'s sources sidecar, in file order ([] without a sidecar); ValueError if malformed."""
+    sidecar = sources_path(path)
+    if not sidecar.is_file():
+        return []
+    try:
+        ranges = [SourceRange(str(e["name"]), int(e["start"]), int(e["end"])) for e in json.loads(sidecar.read_text())]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{sidecar}: not a JSON list of {{name, start, end}} byte ranges: {err}") from err
+    end = 0
+    for r in ranges:
+        if not end <= r.start <= r.end:
+            raise ValueError(f"{sidecar}: byte ranges must be in file order and not overlap: {r}")
+        end = r.end
+    return ranges
+
+
+def source_label(sources: Sequence[RowSource], row: int) -> str | None:
+    """'row k of NAME' for an input row that came from one of `sources` (sorted by first_row), else None."""
+    i = bisect.bisect_right([s.first_row for s in sources], row) - 1
+    return f"row {row - sources[i].first_row} of {sources[i].name}" if i >= 0 else None
 
 
 def input_format(path: Path) -> str:
@@ -110,8 +180,27 @@ def _row_id(data: dict) -> str | None:
     return str(value) if value is not None else None
 
 
+def _caption_id(data: dict) -> str | None:
+    """The id a row claims (the `video_id` its Caption would get), or None if the row is not a usable caption."""
+    try:
+        return parse_caption(data)[0]
+    except RowError:
+        return None
+
+
+def _row_bytes(line: bytes) -> bytes:
+    """A JSONL line without its line end and without a leading UTF-8 byte-order mark."""
+    line = line.rstrip(b"\r\n")
+    return line[len(codecs.BOM_UTF8):] if line.startswith(codecs.BOM_UTF8) else line
+
+
+def count_jsonl_rows(data: bytes) -> int:
+    """How many rows ingest reads from these JSONL bytes (non-blank lines)."""
+    return sum(1 for line in data.split(b"\n") if _row_bytes(line).strip())
+
+
 def _iter_jsonl_lines(path: Path, offset: int = 0, length: int | None = None) -> Iterator[tuple[int, int, bytes]]:
-    """(start offset, end offset, line without newline) for each non-blank line in a byte range."""
+    """(start offset, end offset, line without newline and BOM) for each non-blank line in a byte range."""
     with open(path, "rb") as f:
         f.seek(offset)
         pos = offset
@@ -121,7 +210,7 @@ def _iter_jsonl_lines(path: Path, offset: int = 0, length: int | None = None) ->
                 break
             start = pos
             pos += len(line)
-            stripped = line.rstrip(b"\r\n")
+            stripped = _row_bytes(line)
             if stripped.strip():
                 yield start, pos, stripped
 
@@ -146,11 +235,30 @@ def _parquet_rows(path: Path, start: int = 0, count: int | None = None) -> Itera
 
 
 def scan_input(path: Path, chunk_size: int) -> list[ChunkSpec]:
-    """Cut the input into chunks of `chunk_size` rows; hash each chunk's raw rows; find repeated ids."""
+    """Cut the input into chunks of `chunk_size` rows; hash each chunk's raw rows; find repeated ids (and, with a
+    sources sidecar, which source file each chunk's rows came from)."""
     fmt = input_format(path)
-    seen: set[bytes] = set()
+    ranges = read_sources(path) if fmt == "jsonl" else []
+    first_seen: dict[bytes, int] = {}  # id digest -> first row that claimed it
+    sources: list[RowSource] = []  # the ranges that hold rows, with their first row
+    cursor = 0  # the range the scan is in (rows come in file order)
     specs: list[ChunkSpec] = []
     state: dict = {}
+
+    def where(row: int) -> str:
+        label = source_label(sources, row)
+        return f"row {row} ({label})" if label else f"row {row}"
+
+    def source_at(offset: int, row: int) -> None:
+        nonlocal cursor
+        while cursor < len(ranges) and ranges[cursor].end <= offset:
+            cursor += 1
+        if cursor < len(ranges) and ranges[cursor].start <= offset:
+            r = ranges[cursor]
+            if not sources or sources[-1].start != r.start:
+                sources.append(RowSource(r.name, r.start, row))
+            if not state["sources"] or state["sources"][-1] != sources[-1]:
+                state["sources"].append(sources[-1])
 
     def close() -> None:
         if state.get("rows"):
@@ -162,23 +270,26 @@ def scan_input(path: Path, chunk_size: int) -> list[ChunkSpec]:
                     byte_offset=state["offset"],
                     byte_length=state["end"] - state["offset"],
                     raw_sha256=state["hash"].hexdigest(),
-                    duplicate_rows=tuple(state["dups"]),
+                    duplicates=tuple(state["dups"]),
+                    sources=tuple(state["sources"]),
                 )
             )
         state.clear()
 
     def add(row: int, offset: int, end: int, raw: bytes, data: dict | None) -> None:
         if not state:
-            state.update(start_row=row, rows=0, offset=offset, hash=hashlib.sha256(), dups=[])
+            state.update(start_row=row, rows=0, offset=offset, hash=hashlib.sha256(), dups=[], sources=[])
         state["rows"] += 1
         state["end"] = end
         state["hash"].update(len(raw).to_bytes(8, "little") + raw)
-        row_id = _row_id(data) if data is not None else None
-        if row_id is not None:
-            digest = hashlib.blake2b(row_id.encode(), digest_size=16).digest()
-            if digest in seen:
-                state["dups"].append(row)
-            seen.add(digest)
+        if ranges:
+            source_at(offset, row)
+        caption_id = _caption_id(data) if data is not None else None
+        if caption_id is not None:
+            digest = hashlib.blake2b(caption_id.encode(), digest_size=16).digest()
+            first = first_seen.setdefault(digest, row)
+            if first != row:
+                state["dups"].append((row, where(first)))
         if state["rows"] == chunk_size:
             close()
 
@@ -261,19 +372,22 @@ def partition_of(video: str, eval_fraction: float, salt: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _probe_cached(path: str, size: int, mtime_ns: int, frames_folder_fps: float) -> tuple[float, int]:
-    meta = probe_video(Path(path), frames_folder_fps=frames_folder_fps)
+def _probe_cached(path: str, size: int, mtime_ns: int, frames_folder_fps: float, check: str) -> tuple[float, int]:
+    meta = probe_video(Path(path), frames_folder_fps=frames_folder_fps, check=check)  # type: ignore[arg-type]
     return meta.duration, meta.num_frames
 
 
-def validate_row(row: RawRow, spec: ChunkSpec, cfg: IngestConfig, video_root: Path) -> Caption:
-    """A checked Caption, or RowError naming why not."""
+def validate_row(
+    row: RawRow, spec: ChunkSpec, cfg: IngestConfig, video_root: Path, duplicates: dict[int, str] | None = None
+) -> Caption:
+    """A checked Caption, or RowError naming why not. `duplicates` is `dict(spec.duplicates)`, if already built."""
     if row.error is not None:
         raise row.error
     assert row.data is not None
     video_id, video, caption = parse_caption(row.data)
-    if row.source_row in spec.duplicate_rows:
-        raise RowError("duplicate_id", f"id {video_id!r} already seen earlier in the file")
+    first = (dict(spec.duplicates) if duplicates is None else duplicates).get(row.source_row)
+    if first is not None:
+        raise RowError("duplicate_id", f"id {video_id!r} already seen in {first}")
     if len(caption) > cfg.max_caption_chars:
         raise RowError("caption_too_long", f"{len(caption)} chars > {cfg.max_caption_chars}")
     if why := injection_reason(caption):
@@ -288,7 +402,9 @@ def validate_row(row: RawRow, spec: ChunkSpec, cfg: IngestConfig, video_root: Pa
     if cfg.probe_videos:
         st = path.stat()
         try:
-            duration, num_frames = _probe_cached(str(path), st.st_size, st.st_mtime_ns, cfg.frames_folder_fps)
+            duration, num_frames = _probe_cached(
+                str(path), st.st_size, st.st_mtime_ns, cfg.frames_folder_fps, cfg.video_check
+            )
         except VideoError as err:
             raise RowError("video_unreadable", str(err)) from err
     return Caption(
@@ -309,13 +425,17 @@ class ChunkCaptions:
 
 
 def validate_chunk(path: Path, spec: ChunkSpec, cfg: IngestConfig, video_root: Path) -> ChunkCaptions:
-    """Every row of a chunk becomes either a Caption or a Reject."""
+    """Every row of a chunk becomes either a Caption or a Reject (whose detail names the row's source file, if the
+    input has a sources sidecar)."""
     out = ChunkCaptions()
+    duplicates = dict(spec.duplicates)
     for row in read_chunk_rows(path, spec):
         try:
-            out.captions.append(validate_row(row, spec, cfg, video_root))
+            out.captions.append(validate_row(row, spec, cfg, video_root, duplicates))
         except RowError as err:
             record_id = _row_id(row.data) if row.data is not None else None
+            label = source_label(spec.sources, row.source_row)
+            detail = f"{label}: {err.detail}" if label else err.detail
             out.rejects.append(
                 Reject(
                     stage=STAGE,
@@ -324,7 +444,7 @@ def validate_chunk(path: Path, spec: ChunkSpec, cfg: IngestConfig, video_root: P
                     source_row=row.source_row,
                     record_id=record_id,
                     reason=err.reason,
-                    detail=err.detail[:500],
+                    detail=detail[:500],
                     raw=row.raw[:RAW_MAX_CHARS],
                 )
             )
