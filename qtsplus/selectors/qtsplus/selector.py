@@ -265,6 +265,7 @@ class ScoringHead(nn.Module):
         block = self.block_size or (65_536 if x.device.type == "cuda" else 4096)
         weight = self._folded_weight(qh.dtype)
         starts = range(0, M, block)
+        single = len(starts) == 1  # one block: pass 2 reuses its logits from pass 1
         padded = not bool(x_mask.all())
 
         def block_logits(j: int, keys: Tensor, scale: Tensor) -> Tensor:  # [B, h_kv, g L, m] float32
@@ -273,23 +274,20 @@ class ScoringHead(nn.Module):
                 logits.masked_fill_(~x_mask[:, None, None, j : j + keys.shape[1]], -math.inf)
             return logits
 
-        # pass 1: keys, and per query row an online log-sum-exp over M (running max and sum of exp)
+        # pass 1: keys, and per query row a running log-sum-exp over M (-inf while a row has seen only padding)
         keys = []  # per block: unscaled keys [B, m, h_kv d_h] and their scale [B, m]
-        row_max = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
-        row_sum = torch.zeros_like(row_max)
+        lse = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
         for j in starts:
             keys.append(self._keys(x[:, j : j + block], weight))
             logits = block_logits(j, *keys[-1])
-            new_max = torch.maximum(row_max, logits.amax(-1))
-            shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # a row with no real key yet: its sum stays 0
-            row_sum = row_sum * (row_max - shift).exp() + logits.sub_(shift[..., None]).exp_().sum(-1)
-            row_max = new_max
-        lse = (shift + row_sum.log()).masked_fill(~rows, math.inf)  # padded question rows: never the max
+            lse = torch.logaddexp(lse, logits.logsumexp(-1))
+        lse = lse.masked_fill(~rows, math.inf)  # padded question rows: log alpha = -inf, never the max
 
         # pass 2: log alpha = logit - lse, max over heads and question rows
         log_r = torch.empty(B, M, dtype=torch.float32, device=x.device)
         for i, j in enumerate(starts):
-            logits = block_logits(j, *keys[i])
+            if not single:
+                logits = block_logits(j, *keys[i])
             keys[i] = None  # each block's keys are freed once used
             log_r[:, j : j + block] = logits.sub_(lse[..., None]).amax(dim=(1, 2))
         return log_r
