@@ -1,24 +1,36 @@
 """Forward time and peak memory of the QTSplus selector against M, at Qwen2.5-VL-3B shapes.
 
-Shapes: d = 2048, 16 query heads, 2 K/V heads, SwiGLU 11008, 32 question tokens, scoring depth 1, re-encoding depth 1,
-rho fixed at 0.11 (about the paper's Fig. 4 operating point: ~180k visual tokens -> ~20k kept), n_max = M.
+Shapes: d = 2048, 16 query heads, 2 K/V heads, SwiGLU 11008, 32 question tokens, scoring depth 1, re-encoding depth 1.
 
-For each M the selector runs in inference mode (hard top-n) in a fresh process, so that peak memory is that of one
-forward: on CUDA, max_memory_allocated above what the weights and inputs already hold; on CPU, the growth of the
-process's peak RSS during the first forward. The reference is one LM prefill over the n kept tokens: one
-Qwen2_5_VLDecoderLayer at the 3B shapes (SDPA, causal), timed and multiplied by the 36 layers (embedding, final norm
-and LM head are left out, which flatters the selector's share a little).
+--part scorer (default): the scoring stage (scorer -> r -> budget head -> top-n indices, everything before the
+re-encoder) with the scoring head as first written (`_reference_head_scores`: RMSNorm over X, whole logits) and as it
+is now (folded RMSNorm, streamed over M), side by side, n_max = 2560, the budget head as initialised (it reads max r
+and H(p)). Each (M, form) runs in a fresh process: a warm-up on 1024 tokens pages in the kernels, then the peak memory
+is reset and the first full forward's peak growth is read (CPU: the kernel's peak RSS, VmHWM, above the RSS before the
+call; CUDA: max_memory_allocated above the allocation before the call); the time is the median of `--repeats`
+forwards, that first one included (every call page-faults its temporaries afresh). The parent compares the kept
+indices and log r of the two forms. MB = 10^6 bytes. The last line is, for the largest M,
+`scorer: speedup=<x> peak_mb=<new> peak_mb_before=<old> indices_equal=<true|false>`.
 
-    python -m benchmarks.selector                              # M in {2k, 20k, 180k}
-    python -m benchmarks.selector --sizes 2000 20000 --device cpu --repeats 2
+--part selector: one inference forward of the whole selector (hard top-n, rho fixed at 0.11, about the paper's Fig. 4
+operating point: ~180k visual tokens -> ~20k kept, n_max = M) in a fresh process per size, its peak memory, and one LM
+prefill over the n kept tokens: one Qwen2_5_VLDecoderLayer at the 3B shapes (SDPA, causal), timed and multiplied by the
+36 layers (embedding, final norm and LM head are left out, which flatters the selector's share a little).
+
+    python -m benchmarks.selector                              # scorer, M in {2k, 20k, 180k}, 2 CPU threads
+    python -m benchmarks.selector --part selector --sizes 2000 20000 --device cpu --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +41,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from benchmarks.timing import peak_memory, sync, timed
-from qtsplus.selectors.qtsplus import QTSplusSelector, SelectorConfig
+from qtsplus.selectors.base import compact, topk_keep
+from qtsplus.selectors.qtsplus import QTSplusSelector, SelectorConfig, budget_size
+from qtsplus.selectors.qtsplus.selector import _reference_head_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,31 +55,145 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--part", choices=["scorer", "selector"], default="scorer")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 20_000, 180_000], help="values of M")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument(
-        "--rho", type=float, default=0.11, help="fixed retention fraction (rho_min = rho_max)"
+        "--rho", type=float, default=0.11, help="--part selector: fixed retention fraction (rho_min = rho_max)"
     )
+    parser.add_argument("--n-max", type=int, default=2560, help="--part scorer: the cap on kept tokens")
     parser.add_argument("--scoring-depth", type=int, default=1)
     parser.add_argument("--reencoder-depth", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3 (scorer), 5 (selector)")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--form", choices=FORMS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    args.repeats = args.repeats or (3 if args.part == "scorer" else 5)
+    torch.set_num_threads(args.threads)
 
     if args.worker is not None:
-        print(json.dumps(measure(args.worker, args)))
+        result = measure_scorer(args.worker, args) if args.part == "scorer" else measure(args.worker, args)
+        print(json.dumps(result))
+        return
+    common = [f"--part={args.part}", f"--device={args.device}", f"--dtype={args.dtype}", f"--threads={args.threads}",
+              f"--rho={args.rho}", f"--n-max={args.n_max}", f"--repeats={args.repeats}",
+              f"--scoring-depth={args.scoring_depth}", f"--reencoder-depth={args.reencoder_depth}"]  # fmt: skip
+    if args.part == "scorer":
+        compare_scorers(args, common)
         return
 
     print_header(args)
     for m in args.sizes:
-        cmd = [sys.executable, "-m", "benchmarks.selector", "--worker", str(m)] + [
-            f"--device={args.device}", f"--dtype={args.dtype}", f"--rho={args.rho}", f"--repeats={args.repeats}",
-            f"--scoring-depth={args.scoring_depth}", f"--reencoder-depth={args.reencoder_depth}",
-        ]  # fmt: skip
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-        print_row(json.loads(out.strip().splitlines()[-1]))
+        print_row(worker(m, common))
+
+
+def worker(m: int, args: list[str]) -> dict:
+    """Run one measurement in a fresh process (so that its peak memory is its own); its last stdout line is JSON."""
+    cmd = [sys.executable, "-m", "benchmarks.selector", "--worker", str(m), *args]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --part scorer: the scoring head as first written against the folded, streamed one
+
+FORMS = ("before", "after")
+
+
+def compare_scorers(args: argparse.Namespace, common: list[str]) -> None:
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"QTSplus scoring stage (scorer, budget head, top-n) at Qwen2.5-VL-3B shapes: {args.dtype}, {device}, "
+          f"L={QUESTION}, scoring depth {args.scoring_depth}, n_max={args.n_max}, median of {args.repeats}; "
+          f"before = RMSNorm over X and whole logits, after = folded and streamed; MB = 10^6 bytes")  # fmt: skip
+    header = (
+        f"{'M':>8} {'n':>5} {'before ms':>10} {'after ms':>10} {'speedup':>8} {'before MB':>10} {'after MB':>9} "
+        f"{'indices equal':>14} {'max |d log r|':>14}"
+    )
+    print(header)
+    print("-" * len(header), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in args.sizes:
+            runs, outs = {}, {}
+            for form in FORMS:
+                path = Path(tmp) / f"{m}-{form}.pt"
+                runs[form] = worker(m, [*common, f"--form={form}", f"--out={path}"])
+                outs[form] = torch.load(path)
+            before, after = runs["before"], runs["after"]
+            equal = torch.equal(outs["before"]["indices"], outs["after"]["indices"])
+            a, b = outs["before"]["log_r"], outs["after"]["log_r"]
+            finite = a.isfinite() & b.isfinite()
+            diff = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
+            if not torch.equal(a.isfinite(), b.isfinite()):
+                diff = math.inf
+            speedup = before["ms"] / after["ms"]
+            print(f"{m:>8} {after['n']:>5} {before['ms']:>10.1f} {after['ms']:>10.1f} {speedup:>7.2f}x "
+                  f"{before['peak_mb']:>10.1f} {after['peak_mb']:>9.1f} {str(equal).lower():>14} {diff:>14.2e}",
+                  flush=True)  # fmt: skip
+    print(f"scorer: speedup={speedup:.2f} peak_mb={after['peak_mb']:.1f} peak_mb_before={before['peak_mb']:.1f} "
+          f"indices_equal={str(equal).lower()}")  # fmt: skip
+
+
+def measure_scorer(m: int, args: argparse.Namespace) -> dict:
+    """One form of the scoring stage at M = m: peak growth of the first forward, median time, n; saves indices and
+    log r to args.out."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    config = SelectorConfig(
+        hidden_size=HIDDEN, num_heads=HEADS, num_kv_heads=KV_HEADS, intermediate_size=FFN,
+        scoring_depth=args.scoring_depth, reencoder_depth=args.reencoder_depth, n_max=args.n_max,
+    )  # fmt: skip
+    selector = QTSplusSelector(config).to(device=device, dtype=dtype).eval()
+    with torch.no_grad():  # a non-trivial x-side norm weight, as an LM's input_layernorm has
+        selector.scorer.head.x_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, m, HIDDEN, device=device, dtype=dtype)
+    q = torch.randn(1, QUESTION, HIDDEN, device=device, dtype=dtype)
+    head = _reference_head_scores if args.form == "before" else None
+
+    def run(x: torch.Tensor):
+        return scoring_stage(selector, x, q, head)
+
+    seconds = []
+    with torch.inference_mode():
+        run(x[:, :1024])  # pages in the kernels and thread pools, so the peak below is the forward's own
+        sync(device)
+        before = peak_memory(device, reset=True)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            indices, log_r, n = run(x)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+            if len(seconds) == 1:
+                peak = peak_memory(device) - before
+    torch.save(dict(indices=indices.cpu(), log_r=log_r.cpu()), args.out)
+    return dict(M=m, form=args.form, n=n, ms=statistics.median(seconds) * 1e3, peak_mb=peak / 1e6)
+
+
+def scoring_stage(selector: QTSplusSelector, x: torch.Tensor, q: torch.Tensor, head=None):
+    """What `QTSplusSelector.forward` does before re-encoding, in inference: log r, the budget, the top-n indices.
+    head: None for the selector's own scoring head, or a function (head, x, x_mask, q, q_mask) -> log r."""
+    x_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    q_mask = torch.ones(q.shape[:2], dtype=torch.bool, device=x.device)
+    num_tokens = x_mask.sum(-1)
+    scorer = selector.scorer
+    if head is None:
+        log_r = scorer(x, x_mask, q, q_mask)
+    else:
+        question = q
+        for block in scorer.blocks:
+            question = block(question, x_mask, context=x)
+        log_r = head(scorer.head, x, x_mask, question, q_mask)
+    rho = selector.budget_head(q, q_mask, log_r.exp(), num_tokens)
+    n = budget_size(rho, num_tokens, selector.config.n_max)
+    indices, _ = compact(topk_keep(log_r + num_tokens.float().log()[:, None], n))
+    return indices, log_r, int(n[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --part selector: the whole selector against an LM prefill over the kept tokens
 
 
 def measure(m: int, args: argparse.Namespace) -> dict:
