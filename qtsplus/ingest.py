@@ -88,7 +88,8 @@ class SourceRange:
 
 @dataclass(frozen=True)
 class RowSource:
-    """Where the rows of a source range are: its first row in the input (`first_row`) and in bytes (`start`)."""
+    """Rows from `first_row` on come from the source range `name` that starts at byte `start`; `name` "" marks rows
+    that no range covers (bytes appended to the file outside the sidecar's knowledge)."""
 
     name: str
     start: int
@@ -146,10 +147,13 @@ def read_sources(path: Path) -> list[SourceRange]:
     return ranges
 
 
-def source_label(sources: Sequence[RowSource], row: int) -> str | None:
-    """'row k of NAME' for an input row that came from one of `sources` (sorted by first_row), else None."""
-    i = bisect.bisect_right([s.first_row for s in sources], row) - 1
-    return f"row {row - sources[i].first_row} of {sources[i].name}" if i >= 0 else None
+def source_label(sources: Sequence[RowSource], row: int, first_rows: Sequence[int] | None = None) -> str | None:
+    """'row k of NAME' for an input row that came from one of `sources` (sorted by first_row; `first_rows` are
+    their first rows, if already listed), else None."""
+    i = bisect.bisect_right([s.first_row for s in sources] if first_rows is None else first_rows, row) - 1
+    if i < 0 or not sources[i].name:
+        return None
+    return f"row {row - sources[i].first_row} of {sources[i].name}"
 
 
 def input_format(path: Path) -> str:
@@ -240,25 +244,27 @@ def scan_input(path: Path, chunk_size: int) -> list[ChunkSpec]:
     fmt = input_format(path)
     ranges = read_sources(path) if fmt == "jsonl" else []
     first_seen: dict[bytes, int] = {}  # id digest -> first row that claimed it
-    sources: list[RowSource] = []  # the ranges that hold rows, with their first row
+    sources: list[RowSource] = []  # the ranges that hold rows (and the gaps between them), with their first row
+    first_rows: list[int] = []
     cursor = 0  # the range the scan is in (rows come in file order)
     specs: list[ChunkSpec] = []
     state: dict = {}
 
     def where(row: int) -> str:
-        label = source_label(sources, row)
+        label = source_label(sources, row, first_rows)
         return f"row {row} ({label})" if label else f"row {row}"
 
     def source_at(offset: int, row: int) -> None:
         nonlocal cursor
         while cursor < len(ranges) and ranges[cursor].end <= offset:
             cursor += 1
-        if cursor < len(ranges) and ranges[cursor].start <= offset:
-            r = ranges[cursor]
-            if not sources or sources[-1].start != r.start:
-                sources.append(RowSource(r.name, r.start, row))
-            if not state["sources"] or state["sources"][-1] != sources[-1]:
-                state["sources"].append(sources[-1])
+        inside = cursor < len(ranges) and ranges[cursor].start <= offset
+        name, start = (ranges[cursor].name, ranges[cursor].start) if inside else ("", -1)
+        if not sources or (sources[-1].name, sources[-1].start) != (name, start):
+            sources.append(RowSource(name, start, row))
+            first_rows.append(row)
+        if not state["sources"] or state["sources"][-1] != sources[-1]:
+            state["sources"].append(sources[-1])
 
     def close() -> None:
         if state.get("rows"):

@@ -17,6 +17,7 @@ from qtsplus.ingest import (
     injection_reason,
     partition_of,
     scan_input,
+    sources_path,
     validate_chunk,
 )
 from qtsplus.shards import read_rows
@@ -128,6 +129,31 @@ def test_ids_are_compared_as_the_caption_gets_them(tmp_path: Path) -> None:
     assert [(c.video_id, c.source_row) for c in captions] == [("a", 0), ("b", 3)]
     assert [(r.source_row, r.reason) for r in rejects] == [(1, "duplicate_id"), (2, "missing_caption")]
     assert rejects[0].detail == "id 'a' already seen in row 0"
+
+
+def test_a_sources_sidecar_names_each_rejected_rows_file(tmp_path: Path) -> None:
+    a, b, extra = plain("x") + b"\n" + plain("y") + b"\n", plain("x") + b"\n", b"{oops\n" + plain("y") + b"\n"
+    path = tmp_path / "combined.jsonl"
+    path.write_bytes(a + b + extra)  # the last two rows: bytes no source range covers
+    sidecar = sources_path(path)
+    sidecar.write_text(json.dumps([{"name": "a.jsonl", "start": 0, "end": len(a)},
+                                   {"name": "b.jsonl", "start": len(a), "end": len(a + b)}]))
+    captions, rejects = ingest_all(path, VIDEOS)
+    assert [c.video_id for c in captions] == ["x", "y"]
+    assert [(r.source_row, r.reason, r.detail) for r in rejects] == [
+        (2, "duplicate_id", "row 0 of b.jsonl: id 'x' already seen in row 0 (row 0 of a.jsonl)"),
+        (3, "malformed_json", rejects[1].detail),
+        (4, "duplicate_id", "id 'y' already seen in row 1 (row 1 of a.jsonl)"),
+    ]
+    assert "b.jsonl" not in rejects[1].detail
+
+    sidecar.write_text(json.dumps([{"name": "b.jsonl", "start": 10, "end": 20}, {"name": "a.jsonl", "start": 0,
+                                                                                 "end": 10}]))
+    with pytest.raises(ValueError, match="file order"):
+        scan_input(path, 2)
+    sidecar.write_text("[{}]")
+    with pytest.raises(ValueError, match="sources.json"):
+        scan_input(path, 2)
 
 
 @pytest.mark.parametrize("damage", ["garbled", "truncated"])
