@@ -17,11 +17,12 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-TinyName = Literal["qwen3", "qwen2.5-vl"]
-TINY_MODEL_IDS = frozenset({"tiny/qwen3", "tiny/qwen2.5-vl"})
+TinyName = Literal["qwen3", "qwen2.5-vl", "qwen2.5-vl-needle"]
+TINY_MODEL_IDS = frozenset({"tiny/qwen3", "tiny/qwen2.5-vl", "tiny/qwen2.5-vl-needle"})
 _BUILD_LOCK = threading.Lock()
 
-BUILD_VERSION = "1"  # bump when the build recipe changes in a way the spec below does not capture
+BUILD_VERSION = "2"  # bump when the build recipe changes in a way the spec below does not capture
+# 2: Qwen2.5-VL folders carry their processor files (vLLM loads them)
 SEED = 0
 BPE_VOCAB_SIZE = 1024
 VOCAB_MULTIPLE = 64  # the model's vocabulary is padded past the tokenizer's, as in real Qwen checkpoints
@@ -77,12 +78,17 @@ _TEXT = dict(
     max_position_embeddings=4096,
     initializer_range=0.1,  # larger than the usual 0.02 so that outputs depend visibly on the input
 )
+# Attention heads of 32 dimensions: the smallest head size vLLM's CPU attention supports (32, 64, 80, ...), so the
+# same tiny models run on both engines. Qwen2.5-VL's head size is hidden_size / num_attention_heads, and its
+# mrope_section (temporal, height, width rotary pairs) must sum to head_dim / 2.
 _SPECS: dict[str, dict] = {
-    "qwen3": dict(text=dict(_TEXT, head_dim=16, tie_word_embeddings=True), chat_template=QWEN3_CHAT_TEMPLATE),
+    "qwen3": dict(text=dict(_TEXT, head_dim=32, tie_word_embeddings=True), chat_template=QWEN3_CHAT_TEMPLATE),
     "qwen2.5-vl": dict(
         text=dict(
             _TEXT,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
         ),
         vision=dict(
             depth=2,
@@ -101,6 +107,25 @@ _SPECS: dict[str, dict] = {
         chat_template=QWEN25_CHAT_TEMPLATE,
     ),
 }
+# The needle task's host (qtsplus.needle, docs/needle.md): a wider, deeper LM that learns the task on a CPU, from a
+# 0.02 initialisation; its vision tower stays at the random 0.1 initialisation and is never trained (its features keep
+# colour and shape: a linear probe reads both), so cached features can stand in for it everywhere.
+_SPECS["qwen2.5-vl-needle"] = dict(
+    text=dict(
+        _TEXT,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    ),
+    vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
+                fullatt_block_indexes=[1], initializer_range=0.1),
+    chat_template=QWEN25_CHAT_TEMPLATE,
+)
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -260,6 +285,36 @@ def _build(name: TinyName, out: Path) -> None:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     tokenizer.save_pretrained(out)
+    if "vision" in spec:
+        _write_processor_files(spec["vision"], out)
     (out / "tiny_build.json").write_text(
         json.dumps({"name": name, "revision": tiny_hash(name)}, indent=2) + "\n"
     )
+
+
+
+def _write_processor_files(vision: dict, out: Path) -> None:
+    """Qwen2.5-VL's image and video processor configs, as the released checkpoints ship them (in transformers 5's
+    ``size`` form). Written as JSON rather than through the processor classes: the video processor needs torchvision,
+    which CPU machines do not have. vLLM's processor reads them; the transformers engine prepares pixels itself."""
+    from qtsplus.video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    common = {
+        "patch_size": vision["patch_size"],
+        "temporal_patch_size": vision["temporal_patch_size"],
+        "merge_size": vision["spatial_merge_size"],
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "rescale_factor": 1 / 255,
+        "processor_class": "Qwen2_5_VLProcessor",
+    }
+    image = dict(common, image_processor_type="Qwen2VLImageProcessor", resample=3,
+                 size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
+    video = dict(common, video_processor_type="Qwen2VLVideoProcessor", resample=3, do_sample_frames=False,
+                 size={"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768})
+    for name, cfg in (("preprocessor_config.json", image), ("video_preprocessor_config.json", video)):
+        (out / name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
