@@ -267,9 +267,11 @@ def test_streamed_scorer_matches_reference(dtype, block_size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamed_scorer_at_larger_m(dtype):
-    """A long video next to a short one at the default block size (4096 on CPU): several blocks, ragged last block."""
+    """A long video next to a short one, blocks sized by `block_bytes`: 1 MiB of logits = 4681 tokens here (B = 2,
+    h = 4, L = 7), so two blocks, the second ragged and, for the short video, all padding."""
     sel, x, q, xm, qm = scoring_inputs([9001, 4096], [7, 3], dtype, seed=1)
     head = sel.scorer.head
+    head.block_bytes = (2**20, 2**20)
     with torch.inference_mode():
         new = head(x, xm, q, qm)
     assert_matches_reference(head, x, xm, q, qm, new, n=900)

@@ -207,7 +207,8 @@ class ScoringHead(nn.Module):
     Both give the r of the original formulation (`_reference_head_scores`) within float rounding (tested).
     """
 
-    block_size: int | None = None  # tokens per block of the streamed form; None: 4096 on CPU, 65536 on CUDA
+    block_size: int | None = None  # tokens per block of the streamed form; None: from block_bytes
+    block_bytes: tuple[int, int] = (16 * 2**20, 256 * 2**20)  # (CPU, CUDA) size of one block of float32 logits
 
     def __init__(self, config: SelectorConfig) -> None:
         super().__init__()
@@ -239,16 +240,18 @@ class ScoringHead(nn.Module):
 
     def _keys(self, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         """x [B, m, d] -> unscaled keys (W_k diag(w)) x_i [B, m, h_kv d_h] and their float32 scale
-        s_i / sqrt(d_h) [B, m], s_i = rsqrt(mean x_i^2 + eps). The scale is applied to the float32 logits."""
+        s_i / sqrt(d_h) [B, m], s_i = rsqrt(mean x_i^2 + eps)."""
         sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()  # no [m, d] temporary
         scale = torch.rsqrt(sq / x.shape[-1] + self.config.rms_norm_eps) * self.config.head_dim**-0.5
         return F.linear(x, weight), scale
 
-    def _logits(self, qh: Tensor, keys: Tensor, scale: Tensor) -> Tensor:
-        """[B, h_kv, g L, d_h] queries, [B, m, h_kv d_h] keys, [B, m] scale -> float32 logits [B, h_kv, g L, m]."""
+    def _logits(self, qh: Tensor, keys: Tensor, scale: Tensor | None) -> Tensor:
+        """[B, h_kv, g L, d_h] queries, [B, m, h_kv d_h] keys -> float32 logits [B, h_kv, g L, m], times the
+        per-token scale [B, m] unless it is None (already in the keys)."""
         B, m, _ = keys.shape
         kt = keys.view(B, m, self.config.num_kv_heads, self.config.head_dim).permute(0, 2, 3, 1)  # [B, h_kv, d_h, m]
-        return (qh @ kt).float().mul_(scale[:, None, None, :])
+        logits = (qh @ kt).float()
+        return logits if scale is None else logits.mul_(scale[:, None, None, :])
 
     def _whole(self, x: Tensor, x_mask: Tensor, qh: Tensor, rows: Tensor) -> Tensor:
         logits = self._logits(qh, *self._keys(x, self._folded_weight(qh.dtype)))  # [B, h_kv, g L, M]
@@ -262,32 +265,44 @@ class ScoringHead(nn.Module):
     @torch.no_grad()
     def _streamed(self, x: Tensor, x_mask: Tensor, qh: Tensor, rows: Tensor) -> Tensor:
         B, M, _ = x.shape
-        block = self.block_size or (65_536 if x.device.type == "cuda" else 4096)
+        block = self.block_size or max(256, self.block_bytes[x.device.type == "cuda"] // (4 * qh[..., 0].numel()))
         weight = self._folded_weight(qh.dtype)
         starts = range(0, M, block)
         single = len(starts) == 1  # one block: pass 2 reuses its logits from pass 1
         padded = not bool(x_mask.all())
+        # float32 keys take the per-token scale once; lower precision keeps it for the float32 logits, so that the
+        # keys are rounded once (as the reference's are)
+        scale_keys = qh.dtype == torch.float32
 
-        def block_logits(j: int, keys: Tensor, scale: Tensor) -> Tensor:  # [B, h_kv, g L, m] float32
+        def keys_of(j: int) -> tuple[Tensor, Tensor | None]:
+            keys, scale = self._keys(x[:, j : j + block], weight)
+            return (keys.mul_(scale[..., None]), None) if scale_keys else (keys, scale)
+
+        def logits_of(j: int, keys: Tensor, scale: Tensor | None) -> Tensor:  # [B, h_kv, g L, m] float32
             logits = self._logits(qh, keys, scale)
             if padded:
                 logits.masked_fill_(~x_mask[:, None, None, j : j + keys.shape[1]], -math.inf)
             return logits
 
-        # pass 1: keys, and per query row a running log-sum-exp over M (-inf while a row has seen only padding)
-        keys = []  # per block: unscaled keys [B, m, h_kv d_h] and their scale [B, m]
-        lse = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
+        # pass 1: keys, and per query row a running max and sum of exp over M (online log-sum-exp)
+        keys = []  # per block: keys [B, m, h_kv d_h] and their scale [B, m] (or None)
+        row_max = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
+        row_sum = torch.zeros_like(row_max)
         for j in starts:
-            keys.append(self._keys(x[:, j : j + block], weight))
-            logits = block_logits(j, *keys[-1])
-            lse = torch.logaddexp(lse, logits.logsumexp(-1))
-        lse = lse.masked_fill(~rows, math.inf)  # padded question rows: log alpha = -inf, never the max
+            keys.append(keys_of(j))
+            logits = logits_of(j, *keys[-1])
+            new_max = torch.maximum(row_max, logits.amax(-1))
+            shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # a row with only padding so far: sum stays 0
+            exp = logits - shift[..., None] if single else logits.sub_(shift[..., None])  # in place: no temporary
+            row_sum = row_sum * (row_max - shift).exp() + exp.exp_().sum(-1)
+            row_max = new_max
+        lse = (shift + row_sum.log()).masked_fill(~rows, math.inf)  # padded question rows: never the max
 
         # pass 2: log alpha = logit - lse, max over heads and question rows
         log_r = torch.empty(B, M, dtype=torch.float32, device=x.device)
         for i, j in enumerate(starts):
             if not single:
-                logits = block_logits(j, *keys[i])
+                logits = logits_of(j, *keys[i])
             keys[i] = None  # each block's keys are freed once used
             log_r[:, j : j + block] = logits.sub_(lse[..., None]).amax(dim=(1, 2))
         return log_r
