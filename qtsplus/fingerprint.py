@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -121,7 +122,8 @@ def _imports(name: str) -> list[str]:
 def library_versions(python: str | None = None) -> dict[str, str | None]:
     """Installed versions of `RESULT_LIBRARIES` (None: not installed), in this environment or in the one of the
     interpreter `python` (a stage worker's engine environment)."""
-    if python is None or Path(python).resolve() == Path(sys.executable).resolve():
+    # not .resolve(): a venv's bin/python is a symlink to the base interpreter, yet another environment
+    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
         return _versions_here()
     return _versions_of(str(python))
 
