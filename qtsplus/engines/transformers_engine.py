@@ -171,8 +171,10 @@ class TransformersEngine(Engine):
                     self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_ids
                 )
                 self._grammar_compiler = xgrammar.GrammarCompiler(info)
+            # Compact JSON (no whitespace at all), exactly as vLLM's xgrammar backend with disable_any_whitespace:
+            # the two engines then decode the same tokens. any_whitespace=False alone would still put ", " / ": ".
             self._grammars[key] = self._grammar_compiler.compile_json_schema(
-                json.dumps(schema), any_whitespace=False
+                json.dumps(schema), any_whitespace=False, separators=(",", ":")
             )
         return self._grammars[key]
 

