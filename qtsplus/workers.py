@@ -1,18 +1,22 @@
-"""A process per model stage: the model is loaded once, in its own process, and only if some chunk needs it.
+"""Worker processes of model stages: a model is loaded once, in its own process, and only if some chunk needs it.
 
-The flow opens `stage_worker(name)` around a stage. Tasks of that stage call `run_in_stage_worker(name, fn, ...)`:
-the first call spawns one worker process (which then loads the model lazily, through `qtsplus.engines.get_engine`,
-and keeps it for every later chunk); a stage whose tasks are all cached never spawns it, so never loads a model.
-Leaving the context shuts the process down, which is the only reliable way to give GPU memory back.
+The flow opens a stage's replica pool (`qtsplus.replica_pool.replica_pool`, or `stage_worker(name)` for a pool of one
+local process) around a stage. Tasks of that stage call `run_in_stage_worker(name, fn, ...)` (or `run_on_replica`,
+which also says where it ran): the call goes to a free replica, whose process is started on first use (it then loads
+the model lazily, through `qtsplus.engines.get_engine`, and keeps it for every later chunk); a stage whose tasks are
+all cached never starts one, so never loads a model. Leaving the scope shuts the processes down, which is the only
+reliable way to give GPU memory back.
 
-The worker dies with its parent (PR_SET_PDEATHSIG on Linux), so a killed run leaves no orphan writing shards.
+`WorkerProcess` is one such process. It dies with its parent (PR_SET_PDEATHSIG on Linux), so a killed run leaves no
+orphan writing shards; `env` sets variables in it before anything runs there (a replica's CUDA_VISIBLE_DEVICES).
 
-`stage_worker(name, python=PATH)` runs the worker under another interpreter, e.g. the engine environment's (vLLM
-without Prefect, docs/vllm.md): a plain subprocess (`PATH -m qtsplus.workers FD`) that talks pickles over an inherited
-socket (multiprocessing.connection). It gets this checkout's source tree on PYTHONPATH, not this environment's
-site-packages, so it runs the same library code with its own dependencies. Functions and their arguments/results cross
-by pickle: they must be importable by module name there (the stage functions in qtsplus.stages are), and the two
-environments must agree on pydantic and numpy (checked when the worker starts).
+`WorkerProcess(name, python=PATH)` (and `stage_worker(name, python=PATH)`) runs under another interpreter, e.g. the
+engine environment's (vLLM without Prefect, docs/vllm.md): a plain subprocess (`PATH -m qtsplus.workers FD`) that
+talks pickles over an inherited socket (multiprocessing.connection). It gets this checkout's source tree on
+PYTHONPATH, not this environment's site-packages, so it runs the same library code with its own dependencies.
+Functions and their arguments/results cross by pickle: they must be importable by module name there (the stage
+functions in qtsplus.stages are), and the two environments must agree on pydantic and numpy (checked when the worker
+starts). This module imports only the standard library: it is also the worker's entry point in that environment.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,33 +56,92 @@ def _die_with_parent() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-class StageWorker:
-    """One lazily spawned worker process that runs a stage's chunk functions one at a time.
+def _start_worker(env: dict[str, str]) -> None:
+    """Initializer of a spawned worker: die with the parent, then set the replica's variables (before any import
+    that reads them, e.g. CUDA_VISIBLE_DEVICES before torch initialises CUDA)."""
+    _die_with_parent()
+    os.environ.update(env)
 
-    ``python``: the interpreter of the worker process (another environment's); None: this process's own."""
 
-    def __init__(self, name: str, python: str | None = None):
+class _Launcher:
+    """The thread that starts every worker process of this process, and lives as long as it does.
+
+    PR_SET_PDEATHSIG fires when the *thread* that started a child ends, not its process: a worker started from a task
+    thread (or a short-lived pool thread) would be killed when that thread exits. Starting every worker here ties
+    each one's life to the process instead."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` run in the launcher thread (keep it short: starting a process, not waiting for it)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="qtsplus-worker-launcher", daemon=True)
+                self._thread.start()
+        if threading.current_thread() is self._thread:
+            return fn()
+        done: Future = Future()
+        self._calls.put((fn, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            fn, done = self._calls.get()
+            try:
+                done.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, who raises it
+                done.set_exception(e)
+
+
+_LAUNCHER = _Launcher()
+
+
+def _ready() -> None:
+    """A first call that makes a spawned worker start (and shows that it did)."""
+
+
+class WorkerProcess:
+    """One lazily started worker process that runs calls one at a time.
+
+    ``python``: the interpreter of the worker process (another environment's); None: this process's own.
+    ``env``: variables set in the worker process (on top of this process's environment)."""
+
+    def __init__(self, name: str, python: str | None = None, env: dict[str, str] | None = None):
         self.name = name
         self.python = python
+        self.env = dict(env or {})
         self._executor: ProcessPoolExecutor | InterpreterProcess | None = None
         self._lock = threading.Lock()
         self.spawned = 0
 
+    @property
+    def alive(self) -> bool:
+        """Started and not known to be dead."""
+        return self._executor is not None
+
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        started: Future | None = None
         with self._lock:
             if self._executor is None:
                 if self.python is None:
                     self._executor = ProcessPoolExecutor(
-                        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent
+                        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                        initargs=(self.env,),
                     )
+                    started = _LAUNCHER.call(partial(self._executor.submit, _ready))  # the process starts in there
                 else:
-                    self._executor = InterpreterProcess(self.python, self.name)
+                    self._executor = InterpreterProcess(self.python, self.name, self.env)
                 self.spawned += 1
             executor = self._executor
         try:
+            if started is not None:
+                started.result()
             return executor.submit(fn, *args, **kwargs).result()
         except BrokenProcessPool:
-            # the process died (OOM, a CUDA fault): drop it so a retry starts a fresh one
+            # the process died (OOM, a CUDA fault, kill -9): drop it so a retry starts a fresh one
             with self._lock:
                 if self._executor is executor:
                     self._executor = None
@@ -89,29 +155,52 @@ class StageWorker:
             executor.shutdown(wait=True)
 
 
-_ACTIVE: dict[str, StageWorker] = {}
+# The open pool of each stage (qtsplus.replica_pool.ReplicaPool), by stage name.
+_ACTIVE: dict[str, Any] = {}
 
 
 @contextmanager
-def stage_worker(name: str, python: str | None = None) -> Iterator[StageWorker]:
-    """Scope of a stage's worker process; ``python``: run it under that interpreter (None: this one)."""
+def stage_scope(name: str, pool: Any) -> Iterator[Any]:
+    """Make `pool` the stage's pool while the block runs (tasks find it by name); close it afterwards."""
     if name in _ACTIVE:
         raise RuntimeError(f"stage worker {name!r} is already open")
-    worker = _ACTIVE[name] = StageWorker(name, python)
+    _ACTIVE[name] = pool
     try:
-        yield worker
+        yield pool
     finally:
         del _ACTIVE[name]
-        worker.close()
+        pool.close()
+
+
+@contextmanager
+def stage_worker(name: str, python: str | None = None) -> Iterator[Any]:
+    """Scope of a stage's single local worker process (a replica pool of one); ``python``: run it under that
+    interpreter (None: this one). Many replicas, or Ray actors: `qtsplus.replica_pool.replica_pool`."""
+    from qtsplus.replica_pool import LocalReplica, ReplicaPool
+
+    with stage_scope(name, ReplicaPool(name, [LocalReplica(f"{name}-0", python)], backend="local")) as pool:
+        yield pool
+
+
+def run_on_replica(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, dict[str, str]]:
+    """Run `fn` on a free replica of the stage's pool: (its result, where it ran: replica id, host, pid, devices).
+    Without an open pool, run it in a temporary worker process."""
+    pool = _ACTIVE.get(name)
+    if pool is not None:
+        return pool.call(fn, *args, **kwargs)
+    with stage_worker(name) as temporary:
+        return temporary.call(fn, *args, **kwargs)
 
 
 def run_in_stage_worker(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run `fn` in the stage's worker process; without an open stage scope, run it in a temporary one."""
-    worker = _ACTIVE.get(name)
-    if worker is not None:
-        return worker.run(fn, *args, **kwargs)
-    with stage_worker(name) as temporary:
-        return temporary.run(fn, *args, **kwargs)
+    """Run `fn` on a free replica of the stage's pool (or in a temporary worker process when none is open)."""
+    return run_on_replica(name, fn, *args, **kwargs)[0]
+
+
+def describe_process() -> dict[str, str]:
+    """Where this process runs: host, pid, and the GPUs it may use (CUDA_VISIBLE_DEVICES; empty: not pinned)."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()),
+            "devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
 
 
 # -- a worker under another interpreter ----------------------------------------------------------------------------
@@ -122,7 +211,7 @@ PICKLE_COMPAT = (("pydantic", 1), ("numpy", 1))
 
 
 class _Future:
-    """What ``StageWorker.run`` expects of an executor's submit(): a ``result()``."""
+    """What ``WorkerProcess.run`` expects of an executor's submit(): a ``result()``."""
 
     def __init__(self, value: Any):
         self._value = value
@@ -139,22 +228,23 @@ class InterpreterProcess:
     raises BrokenProcessPool, like ProcessPoolExecutor, so callers retry it the same way.
     """
 
-    def __init__(self, python: str, name: str = "worker"):
+    def __init__(self, python: str, name: str = "worker", env: dict[str, str] | None = None):
         self.python = python
         self.name = name
         self._lock = threading.Lock()
         ours, theirs = multiprocessing.Pipe(duplex=True)
-        env = dict(os.environ)
+        env = dict(os.environ) | dict(env or {})
         root = _source_root()
         if root is not None:  # a checkout (editable install): the worker imports this same code
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            self._proc = subprocess.Popen(
+            self._proc = _LAUNCHER.call(partial(
+                subprocess.Popen,
                 [python, "-m", "qtsplus.workers", str(theirs.fileno()), str(os.getpid())],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 env=env,
-            )
+            ))
         except OSError as e:
             raise RuntimeError(f"stage worker {name!r}: cannot start interpreter {python!r}: {e}") from e
         finally:
