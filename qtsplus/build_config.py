@@ -10,6 +10,7 @@ from qtsplus.engines import EngineConfig, GenerationParams
 from qtsplus.ingest import IngestConfig
 from qtsplus.paths import EXAMPLES
 from qtsplus.presets import config_from_preset
+from qtsplus.replicas import ReplicaConfig
 from qtsplus.stages.teacher import TeacherConfig
 from qtsplus.stages.vscq1 import Vscq1Config
 from qtsplus.video import SamplingConfig
@@ -24,6 +25,9 @@ class BuildConfig(BaseModel):
     ingest: IngestConfig = IngestConfig()
     vscq1: Vscq1Config
     teacher: TeacherConfig
+    # how many replicas each model stage runs, and where (local processes or Ray actors): speed only, so it is in no
+    # stage's depends_on (cache keys, provenance); docs/scale_out.md
+    replicas: ReplicaConfig = ReplicaConfig()
 
     @classmethod
     def preset(cls, name: str, **fields: Any) -> BuildConfig:

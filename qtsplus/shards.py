@@ -53,6 +53,8 @@ class ChunkResult(BaseModel):
     reasons: dict[str, int] = Field(default_factory=dict, description="reject records per reason")
     stats: dict[str, int] = Field(default_factory=dict, description="stage-specific counters")
     engine: dict[str, str] = Field(default_factory=dict, description="model id and resolved revision, if one ran")
+    replica: dict[str, str] = Field(default_factory=dict, description="the model replica that computed it (replica id, "
+                                    "host, pid, devices); in no fingerprint, manifest or shard")
 
     @property
     def output_fingerprint(self) -> str:

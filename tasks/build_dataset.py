@@ -21,9 +21,8 @@ from qtsplus.shards import ChunkResult, chunk_files_intact
 from qtsplus.stages import teacher, vscq1
 from qtsplus.stages.teacher import TeacherConfig, run_vqa_chunk, run_vscq2_chunk
 from qtsplus.stages.vscq1 import Vscq1Config, run_vscq1_chunk
-from qtsplus.workers import run_in_stage_worker
 from schemas import SCHEMA_VERSION
-from tasks.chunks import run_verified
+from tasks.chunks import on_replica, run_verified
 from tasks.common import TASK_OPTIONS, StageRun, cached
 
 
@@ -59,21 +58,21 @@ def ingest_chunk(out: str, input: str, spec: ingest.ChunkSpec, cfg: ingest.Inges
 @task(name="vscq1-chunk", task_run_name="vscq1-{prev.chunk:05d}", **TASK_OPTIONS)
 def vscq1_chunk(out: str, prev: ChunkResult, cfg: Vscq1Config) -> ChunkResult:
     files = prev.files_for("train", "eval")
-    return run_in_stage_worker("vscq1", run_vscq1_chunk, Path(out), prev.chunk, files, cfg, prev.output_fingerprint)
+    return on_replica("vscq1", run_vscq1_chunk, Path(out), prev.chunk, files, cfg, prev.output_fingerprint)
 
 
 @task(name="vscq2-chunk", task_run_name="vscq2-{prev.chunk:05d}", **TASK_OPTIONS)
 def vscq2_chunk(out: str, prev: ChunkResult, cfg: TeacherConfig, video_root: str) -> ChunkResult:
     files = prev.files_for("train", "eval")
-    return run_in_stage_worker("vscq2", run_vscq2_chunk, Path(out), prev.chunk, files, cfg, Path(video_root),
-                               prev.output_fingerprint)
+    return on_replica("vscq2", run_vscq2_chunk, Path(out), prev.chunk, files, cfg, Path(video_root),
+                      prev.output_fingerprint)
 
 
 @task(name="vqa-chunk", task_run_name="vqa-{prev.chunk:05d}", **TASK_OPTIONS)
 def vqa_chunk(out: str, prev: ChunkResult, cfg: TeacherConfig, video_root: str) -> ChunkResult:
     files = prev.files_for("train_kept", "eval_kept")
-    return run_in_stage_worker("vqa", run_vqa_chunk, Path(out), prev.chunk, files, cfg, Path(video_root),
-                               prev.output_fingerprint)
+    return on_replica("vqa", run_vqa_chunk, Path(out), prev.chunk, files, cfg, Path(video_root),
+                      prev.output_fingerprint)
 
 
 KEY_FUNCTIONS: dict[str, Callable[[TaskRunContext, dict[str, Any]], str]] = {
@@ -81,8 +80,10 @@ KEY_FUNCTIONS: dict[str, Callable[[TaskRunContext, dict[str, Any]], str]] = {
 }
 
 
-def run_chunk_tasks(stage: str, chunk_task: Any, out: Path, calls: list[dict[str, Any]], progress: bool = True) -> StageRun:
-    """Submit one cached task per chunk, wait for all, and recompute any cached result whose files are gone."""
+def run_chunk_tasks(stage: str, chunk_task: Any, out: Path, calls: list[dict[str, Any]], progress: bool = True,
+                    concurrency: int | None = None) -> StageRun:
+    """Submit one cached task per chunk, wait for all, and recompute any cached result whose files are gone;
+    `concurrency`: this stage's task threads (a model stage: from its replica pool; None: the flow's runner)."""
     runnable = cached(chunk_task, out, KEY_FUNCTIONS[chunk_task.name])
-    results, states = run_verified(runnable, calls, lambda r: chunk_files_intact(out, r), stage, progress)
+    results, states = run_verified(runnable, calls, lambda r: chunk_files_intact(out, r), stage, progress, concurrency)
     return StageRun(stage, results, {r.chunk: states[i] for i, r in enumerate(results)})

@@ -36,8 +36,7 @@ from qtsplus.features.config import FeatureConfig
 from qtsplus.features.store import FeatureManifest, FeatureSpec
 from qtsplus.fingerprint import fingerprint
 from qtsplus.shards import write_text_atomic
-from qtsplus.workers import run_in_stage_worker
-from tasks.chunks import run_verified
+from tasks.chunks import on_replica, run_verified
 from tasks.common import TASK_OPTIONS, cached
 
 STAGE = "features"
@@ -57,8 +56,8 @@ def plan_task(cfg: FeatureConfig) -> FeaturePlan:
 @task(name="feature-chunk", task_run_name="features-{chunk:05d}", **TASK_OPTIONS)
 def feature_chunk(out: str, chunk: int, videos: list[VideoRef], spec: FeatureSpec, video_root: str,
                   device: str) -> FeatureChunkResult:
-    return run_in_stage_worker(STAGE, run_feature_chunk, Path(out), chunk, videos, spec, Path(video_root), device,
-                               videos_fingerprint(videos))
+    return on_replica(STAGE, run_feature_chunk, Path(out), chunk, videos, spec, Path(video_root), device,
+                      videos_fingerprint(videos))
 
 
 @dataclass
@@ -67,11 +66,13 @@ class FeatureRun:
     states: dict[int, str] = field(default_factory=dict)
 
 
-def run_feature_tasks(out: Path, calls: list[dict[str, Any]], progress: bool = True) -> FeatureRun:
+def run_feature_tasks(out: Path, calls: list[dict[str, Any]], progress: bool = True,
+                      concurrency: int | None = None) -> FeatureRun:
     """One cached task per chunk; a cached result whose shard fails its checksum is recomputed, and so is every
-    chunk when cached chunks disagree on the vision weights that computed them."""
+    chunk when cached chunks disagree on the vision weights that computed them. `concurrency`: task threads."""
     runnable = cached(feature_chunk, out, feature_key)
-    results, states = run_verified(runnable, calls, lambda r: chunk_shards_verified(out, r), "features", progress)
+    results, states = run_verified(runnable, calls, lambda r: chunk_shards_verified(out, r), "features", progress,
+                                   concurrency)
     run = FeatureRun()
     by_index = dict(enumerate(results))
     run.states = {r.chunk: states[i] for i, r in enumerate(results)}
@@ -118,7 +119,8 @@ def publish_features(out: Path, manifest: FeatureManifest, run: FeatureRun, plan
     create_table_artifact(
         key="cache-features-chunks",
         table=[{"chunk": r.chunk, "state": run.states[r.chunk], "videos": len(r.entries), "tokens": r.tokens,
-                "bytes": sum(f.bytes for f in r.files), "failed": len(r.failed)} for r in run.results],
+                "bytes": sum(f.bytes for f in r.files), "failed": len(r.failed),
+                "replica": r.replica.get("replica", ""), "host": r.replica.get("host", "")} for r in run.results],
         description=f"Feature chunks of set {manifest.set_id} in {out}",
     )
     create_markdown_artifact(

@@ -48,11 +48,14 @@ class BuildSummary(BaseModel):
     read: dict[str, int]
     rejected: dict[str, int]
     states: dict[str, dict[int, str]]
+    replicas: dict[str, dict] = {}  # per model stage: its pool (size, starts, chunks per replica), who computed each chunk
 
 
 @task(name="publish-build", cache_policy=NO_CACHE)
-def publish_build(out: Path, runs: list[StageRun], config: BuildConfig) -> BuildSummary:
-    """Dataset card, run report, and the Prefect artifacts (counts per stage and filter, sample questions)."""
+def publish_build(out: Path, runs: list[StageRun], config: BuildConfig,
+                  pools: dict[str, dict] | None = None) -> BuildSummary:
+    """Dataset card, run report, and the Prefect artifacts (counts per stage and filter, sample questions, which
+    replica computed each chunk). `pools`: each model stage's replica pool statistics."""
     manifests = [load_manifest(out, run.stage) for run in runs]
     card = render_card(out, manifests)
     write_text_atomic(out / "README.md", card)
@@ -62,6 +65,9 @@ def publish_build(out: Path, runs: list[StageRun], config: BuildConfig) -> Build
         read={m.stage: m.read for m in manifests},
         rejected={m.stage: m.rejected for m in manifests},
         states={run.stage: run.states for run in runs},
+        replicas={run.stage: {"pool": (pools or {}).get(run.stage, {}),
+                              "computed_by": {r.chunk: r.replica for r in run.results}}
+                  for run in runs if run.stage in (pools or {})},
     )
     report = summary.model_dump(mode="json") | {"finished_at": datetime.now(timezone.utc).isoformat()}
     write_text_atomic(out / "run-report.json", json.dumps(report, indent=2) + "\n")
@@ -71,5 +77,10 @@ def publish_build(out: Path, runs: list[StageRun], config: BuildConfig) -> Build
     if vscq1 is not None:
         create_table_artifact(key="build-dataset-sample-questions", table=sample_questions(out, vscq1, n=10),
                               description="First questions of QTS-VSCQ1")
+    create_table_artifact(key="build-dataset-replicas", table=[
+        {"stage": run.stage, "chunk": r.chunk, "state": run.states[r.chunk]}
+        | {k: r.replica.get(k, "") for k in ("replica", "host", "pid", "devices")}
+        for run in runs if run.stage in (pools or {}) for r in run.results
+    ], description="Which model replica computed each chunk (Cached: the replica of the run that computed it)")
     create_markdown_artifact(key="build-dataset-card", markdown=card, description="Dataset card")
     return summary

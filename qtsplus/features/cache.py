@@ -325,6 +325,7 @@ class FeatureChunkResult(BaseModel):
     failed: dict[str, str] = Field(default_factory=dict, description="video -> decode error")
     vision_sha256: str | None = None
     tokens: int = 0
+    replica: dict[str, str] = Field(default_factory=dict, description="the replica that computed it (not in the manifest)")
 
 
 def shard_file_name(chunk: int) -> str:

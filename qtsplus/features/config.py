@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from qtsplus.presets import config_from_preset
+from qtsplus.replicas import ReplicaConfig
 from qtsplus.video import SamplingConfig
 
 StorageDtype = Literal["fp32", "bf16", "fp16", "fp8"]
@@ -34,6 +35,8 @@ class FeatureConfig(BaseModel):
     splits: dict[str, list[str]] = Field(
         default_factory=lambda: {"vscq2": ["train_kept", "eval_kept"], "vqa": ["train", "eval"]},
         description="the dataset shards whose videos are cached (what train-selector and evaluate read)")
+    replicas: ReplicaConfig = Field(ReplicaConfig(), description="vision-tower replicas (stage `features`) and where "
+                                                                  "they run; speed only, in no cache key")
 
     @classmethod
     def preset(cls, name: str, **fields: Any) -> FeatureConfig:
