@@ -23,9 +23,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from qtsplus.atomic import write_text_atomic
 from qtsplus.fingerprint import file_sha256
 from qtsplus.ingest import count_jsonl_rows, sources_path
-from qtsplus.shards import write_text_atomic
 
 LEGACY_LEDGER = "inbox-ledger.json"
 

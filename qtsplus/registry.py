@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qtsplus.shards import write_text_atomic
+from qtsplus.atomic import write_text_atomic
 
 
 class Registry:

@@ -8,25 +8,22 @@ references any more (an input that shrank, a split that became empty) are remove
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, Field
 
+from qtsplus.atomic import TMP_PREFIX, atomic_file, write_text_atomic
 from qtsplus.fingerprint import file_sha256, fingerprint
-from schemas import SCHEMA_VERSION, Record, arrow_schema, to_table
+from schemas import SCHEMA_VERSION, Record, to_table
 
 R = TypeVar("R", bound=Record)
 
 SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<chunk>\d{5})\.parquet$")
-TMP_PREFIX = ".tmp-"
 
 
 class ShardFile(BaseModel):
@@ -77,16 +74,8 @@ def write_shard(root: Path, stage: str, split: str, chunk: int, model: type[R], 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / shard_name(split, chunk)
     table = to_table(model, rows)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(final) as handle:
+        pq.write_table(table, handle, compression="zstd")
     return ShardFile(
         path=f"{stage}/{final.name}",
         split=split,
@@ -189,18 +178,6 @@ class StageManifest(BaseModel):
         return write_text_atomic(root / self.stage / "manifest.json", self.model_dump_json(indent=2) + "\n")
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a small text file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 TRAINING_STAGES = ("captions", "vscq2", "vqa")  # what train-selector and evaluate read
 
 
@@ -221,11 +198,6 @@ def manifest_path(root: Path, stage: str) -> Path:
 def manifest_digests(root: Path, stages: Iterable[str] = TRAINING_STAGES) -> dict[str, str]:
     """sha256 of each stage's manifest (which lists its files' sha256): the identity of a dataset's content."""
     return {stage: file_sha256(manifest_path(root, stage)) for stage in stages}
-
-
-def declared_schema(record: type[Record]) -> pa.Schema:
-    """The schema a stage's shards are declared with (re-exported for loaders and tests)."""
-    return arrow_schema(record)
 
 
 def finalize_stage(

@@ -17,10 +17,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from qtsplus.atomic import write_text_atomic
 from qtsplus.evaluation.config import EvalConfig
 from qtsplus.evaluation.evaluate import PREDICTIONS, EvalSummary, depends_on, evaluate_checkpoint
 from qtsplus.fingerprint import file_sha256, fingerprint
-from qtsplus.shards import manifest_digests, write_text_atomic
+from qtsplus.shards import manifest_digests
 from tasks.common import cached, is_transient
 from tasks.gpu import gpu_slot
 

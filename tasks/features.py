@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from pydantic import BaseModel
 
+from qtsplus.atomic import write_text_atomic
 from qtsplus.features.cache import (
     FeatureChunkResult,
     FeaturePlan,
@@ -35,7 +36,6 @@ from qtsplus.features.cache import (
 from qtsplus.features.config import FeatureConfig
 from qtsplus.features.store import FeatureManifest, FeatureSpec
 from qtsplus.fingerprint import fingerprint
-from qtsplus.shards import write_text_atomic
 from tasks.chunks import on_replica, run_verified
 from tasks.common import TASK_OPTIONS, cached
 

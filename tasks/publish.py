@@ -12,9 +12,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from qtsplus import ingest
+from qtsplus.atomic import write_text_atomic
 from qtsplus.build_config import BuildConfig
 from qtsplus.dataset_card import counts_table, render_card, sample_questions
-from qtsplus.shards import StageManifest, finalize_stage, load_manifest, write_text_atomic
+from qtsplus.shards import StageManifest, finalize_stage, load_manifest
 from qtsplus.stages import teacher, vscq1
 from schemas import Caption, Record, VQAAnswer, VSCQ1Question, VSCQ2Question
 from tasks.common import StageRun

@@ -17,8 +17,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
+from qtsplus.atomic import write_text_atomic
 from qtsplus.fingerprint import file_sha256, fingerprint
-from qtsplus.shards import manifest_digests, write_text_atomic
+from qtsplus.shards import manifest_digests
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.curves import plot_curves
 from qtsplus.training.launch import TrainResult, depends_on, read_metrics, run_training

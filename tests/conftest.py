@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,18 @@ os.environ.setdefault("QTSPLUS_NO_PROGRESS", "1")
 
 
 @pytest.fixture(scope="session")
-def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment for subprocess runs: a private Prefect home (its own SQLite), no server, quiet."""
+def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment for subprocess runs: a private Prefect home (its own SQLite), no server configured, quiet. The CLI
+    runs of the session share the local Prefect API the first one starts (qtsplus.cli.local_api); it is stopped
+    when the session ends."""
+    from qtsplus.cli import local_api
+
     home = tmp_path_factory.mktemp("prefect-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-               QTSPLUS_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
-    return env
+               QTSPLUS_NO_PROGRESS="1", PYTHONUNBUFFERED="1", QTSPLUS_LOCAL_API_IDLE="120")
+    yield env
+    local_api.stop(home)
 
 
 def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:

@@ -88,7 +88,7 @@ def test_served_deployments_run_and_report_back_through_the_client(prefect_env, 
     serve = None
     try:
         root = tmp_path / "runs"
-        serve = _start([sys.executable, "-m", "infra.serve", "--root", str(root), "--gpus", "1"], env,
+        serve = _start([sys.executable, "-m", "qtsplus.cli", "serve", "--root", str(root), "--gpus", "1"], env,
                        tmp_path / "serve.log")
         run = None
         deadline = time.time() + 180
@@ -138,9 +138,9 @@ def test_served_deployments_run_and_report_back_through_the_client(prefect_env, 
 
 
 def test_prefect_yaml_is_generated_from_the_served_deployments() -> None:
-    from infra.prefect_yaml import render
+    from flows.deployments import render_prefect_yaml
 
-    assert (REPO / "prefect.yaml").read_text() == render(), "run: python -m infra.prefect_yaml > prefect.yaml"
+    assert (REPO / "prefect.yaml").read_text() == render_prefect_yaml(), "run: qtsplus serve --print-prefect-yaml > prefect.yaml"
 
 
 def _compose() -> list[str] | None:

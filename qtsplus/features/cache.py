@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import Tensor
 
+from qtsplus.atomic import TMP_PREFIX, atomic_file, write_text_atomic
 from qtsplus.features.config import FEATURES_DIR, FeatureConfig
 from qtsplus.features.store import (
     FEATURES_VERSION,
@@ -42,7 +41,7 @@ from qtsplus.features.store import (
     vision_fingerprint,
 )
 from qtsplus.fingerprint import canonical, code_fingerprint, file_sha256, fingerprint
-from qtsplus.shards import TMP_PREFIX, ShardFile, load_manifest, write_text_atomic
+from qtsplus.shards import ShardFile, load_manifest
 from qtsplus.video import (
     QwenVideoInputs,
     SamplingConfig,
@@ -339,17 +338,9 @@ def write_feature_shard(folder: Path, chunk: int, rows: list[dict]) -> Path:
     final = folder / shard_file_name(chunk)
     table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
     compression = {name: ("none" if name in ("features", "scales") else "zstd") for name in SHARD_SCHEMA.names}
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle, row_group_size=1, compression=compression, use_dictionary=False,
-                           write_statistics=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(final) as handle:
+        pq.write_table(table, handle, row_group_size=1, compression=compression, use_dictionary=False,
+                       write_statistics=False)
     return final
 
 
