@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -57,12 +58,16 @@ class Replica(Protocol):
 
 
 class LocalReplica:
-    """A replica in a local worker process, pinned to `devices` (CUDA_VISIBLE_DEVICES) when given."""
+    """A replica in a local worker process, pinned to `devices` (CUDA_VISIBLE_DEVICES) when given; `threads`: its
+    CPU threads (OMP_NUM_THREADS, which PyTorch follows), when several replicas share the CPU."""
 
-    def __init__(self, rid: str, python: str | None = None, devices: Sequence[str] | None = None):
+    def __init__(self, rid: str, python: str | None = None, devices: Sequence[str] | None = None,
+                 threads: int | None = None):
         self.id = rid
         self.devices = None if devices is None else list(devices)
         env = {} if devices is None else {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         self._process = WorkerProcess(rid, python, env)
 
     @property
@@ -230,6 +235,15 @@ class ReplicaPool:
             }
 
 
+def cpu_share(replicas: int) -> int | None:
+    """CPU threads per replica when `replicas` CPU replicas share this machine (each PyTorch process would otherwise
+    start a thread per core, and they would fight over the cores); None: one replica, or OMP_NUM_THREADS is set."""
+    if replicas < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // replicas)
+
+
 @contextmanager
 def replica_pool(stage: str, cfg: ReplicaConfig, needs: StageNeeds | None = None, hold: Hold | None = None,
                  max_slots: int | None = None) -> Iterator[ReplicaPool]:
@@ -243,7 +257,8 @@ def replica_pool(stage: str, cfg: ReplicaConfig, needs: StageNeeds | None = None
         backend = "ray"
     else:
         devices = plan_devices(stage, cfg, needs, visible_gpus() if needs.gpu else [], max_slots)
-        replicas = [LocalReplica(f"{stage}-{i}", needs.python, d) for i, d in enumerate(devices)]
+        threads = cpu_share(len(devices)) if devices[0] is None else None
+        replicas = [LocalReplica(f"{stage}-{i}", needs.python, d, threads) for i, d in enumerate(devices)]
         backend = "local"
     pool = ReplicaPool(stage, replicas, backend, hold, occupy=needs.tensor_parallel)
     with stage_scope(stage, pool):

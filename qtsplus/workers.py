@@ -61,6 +61,8 @@ def _start_worker(env: dict[str, str]) -> None:
     that reads them, e.g. CUDA_VISIBLE_DEVICES before torch initialises CUDA)."""
     _die_with_parent()
     os.environ.update(env)
+    if "OMP_NUM_THREADS" in env and "torch" in sys.modules:  # imported before the initializer ran: tell it too
+        sys.modules["torch"].set_num_threads(int(env["OMP_NUM_THREADS"]))
 
 
 class _Launcher:

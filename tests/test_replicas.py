@@ -27,6 +27,10 @@ def where_am_i(pause: float = 0.0) -> tuple[int, str | None]:
     return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
+def env_var(name: str) -> str | None:
+    return os.environ.get(name)
+
+
 class Slots:
     """A concurrency limit stand-in that records who holds how many slots (and from which thread)."""
 
@@ -101,6 +105,9 @@ def test_replica_pool_scope_reaches_tasks_by_stage_name_and_closes_processes() -
         assert pool.size == 2 and pool.backend == "local"
         (pid, devices), where = run_on_replica("scoped", where_am_i)
         assert where["replica"] == "scoped-0" and devices == os.environ.get("CUDA_VISIBLE_DEVICES")  # not pinned
+        # CPU replicas share the cores instead of each starting a thread per core
+        share = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // 2))
+        assert run_on_replica("scoped", env_var, "OMP_NUM_THREADS")[0] == share
     with pytest.raises(ProcessLookupError):  # closed with the scope
         for _ in range(100):
             os.kill(pid, 0)
