@@ -194,16 +194,17 @@ class ScoringHead(nn.Module):
     The x-side RMSNorm is folded into k_proj. RMSNorm(x_i) = w * x_i * s_i with s_i = rsqrt(mean x_i^2 + eps), so
     k_i = (W_k diag(w)) x_i s_i + b: the folded [h_kv d_h, d] weight is formed at every call (the parameters, hence
     checkpoints, LM initialisation and optimiser state, are unchanged, and nothing cached can go stale) and s_i scales
-    the [M, h_kv d_h] keys, so no [M, d] tensor is ever made.
+    token i's keys (float32) or float32 logits (lower precision), so no [M, d] tensor is ever made.
 
     Two forms, chosen per call:
-    - under autograd (training; any input or parameter that requires grad, grad mode on): whole logits
+    - under autograd (training; grad mode on and an input or parameter that requires grad): whole logits
       [B, h_kv, g L, M] and a log-softmax over M, as in the paper; differentiable, O(M (h_kv d_h + h L)) memory.
     - without autograd (inference: torch.no_grad / inference_mode, or frozen weights and inputs): streamed over M in
-      blocks of `block_size` tokens. Pass 1 makes each block's keys and logits and updates an online log-sum-exp
-      per query row; pass 2 recomputes each block's logits from the stored keys and takes max_{h,l} (logit - lse).
-      Peak memory: the keys [B, M, h_kv d_h] plus one block of logits, whatever M. The bias b adds q . b to every
-      logit of a row, which the softmax over M cancels, so this form leaves it out. This form is inference-only.
+      blocks (`block_size` tokens, or `block_bytes` of float32 logits). Pass 1 makes each block's keys and logits and
+      updates an online log-sum-exp per query row; pass 2 recomputes each block's logits from the stored keys and
+      takes max_{h,l} (logit - lse). Peak memory: the keys [B, M, h_kv d_h] plus one block of logits, whatever M.
+      The bias b adds q . b to every logit of a row, which the softmax over M cancels, so this form leaves it out.
+      This form is inference-only (no graph).
     Both give the r of the original formulation (`_reference_head_scores`) within float rounding (tested).
     """
 
@@ -265,6 +266,8 @@ class ScoringHead(nn.Module):
     @torch.no_grad()
     def _streamed(self, x: Tensor, x_mask: Tensor, qh: Tensor, rows: Tensor) -> Tensor:
         B, M, _ = x.shape
+        if M == 0:
+            return x.new_empty(B, 0, dtype=torch.float32)
         block = self.block_size or max(256, self.block_bytes[x.device.type == "cuda"] // (4 * qh[..., 0].numel()))
         weight = self._folded_weight(qh.dtype)
         starts = range(0, M, block)
