@@ -29,8 +29,14 @@ R = TypeVar("R", bound=BaseModel)
 def model_stage(stage: str, replicas: ReplicaConfig, needs: StageNeeds) -> Iterator[ReplicaPool]:
     """Open the stage's replica pool (in the flow: each replica holds `needs.tensor_parallel` slots of the `gpu`
     limit while it lives, and the pool is no larger than that limit can hold at once)."""
-    with replica_pool(stage, replicas, needs, hold=lambda n: gpu_slot(occupy=n), max_slots=gpu_limit_size()) as pool:
-        get_run_logger().info(f"stage {stage}: {pool.size} {pool.backend} replica(s), started when a chunk needs one")
+    limit = gpu_limit_size()
+    with replica_pool(stage, replicas, needs, hold=lambda n: gpu_slot(occupy=n), max_slots=limit) as pool:
+        log = get_run_logger()
+        log.info(f"stage {stage}: {pool.size} {pool.backend} replica(s), started when a chunk needs one")
+        asked = replicas.count_for(stage)
+        if asked is not None and pool.size < asked:
+            log.warning(f"stage {stage}: {asked} replicas asked, {pool.size} run: each holds {needs.tensor_parallel} "
+                        f"slot(s) of the `gpu` limit, which has {limit}")
         yield pool
 
 

@@ -155,6 +155,42 @@ def test_a_replica_killed_mid_stage_is_replaced_and_the_shards_are_unchanged(nul
     assert set(report(out)["states"]["vscq2"].values()) == {"Completed"}
 
 
+# -- GPU discipline on a real Prefect server ------------------------------------------------------------------------
+
+
+def test_replicas_hold_their_gpu_slots_and_never_outnumber_the_limit(prefect_server, tmp_path) -> None:
+    """Each replica holds a slot of the server's `gpu` limit while it lives; asking for more replicas than the limit
+    has slots runs as many as it has (more would wait forever for slots their siblings keep), and says so."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api, env = prefect_server
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        try:  # the limit `qtsplus serve --gpus 1` creates (tests/test_deployment.py shares this server)
+            slots = client.read_global_concurrency_limit_by_name("gpu").limit
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
+            slots = 1
+        out = tmp_path / "ds"
+        run_cli(build_args(out, *NULL, "--set", f"replicas.count={slots + 1}"), env | {"PREFECT_LOGGING_LEVEL": "INFO"})
+        for pool in pools(out).values():
+            assert (pool["size"], pool["started"]) == (slots, slots), pool
+        flow_run = next(r for r in client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=20)
+                        if r.parameters.get("config", {}).get("out") == str(out))
+        logs: list[str] = []
+        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])),
+                                       limit=200, offset=len(logs)):
+            logs += [log.message for log in page]
+        assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0  # all given back
+    assert sum(m.startswith(f"holding 1 of {slots} `gpu` slot(s)") for m in logs) == 3 * slots, logs
+    assert sum(m.startswith("released 1 `gpu` slot(s)") for m in logs) == 3 * slots, logs
+    assert sum(f"{slots + 1} replicas asked, {slots} run" in m for m in logs) == 3, logs
+
+
 # -- (2) two Ray actors on a local Ray cluster ---------------------------------------------------------------------
 
 HOLDER = r"""
