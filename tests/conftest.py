@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated Prefect home, the shipped examples, and a bad-input corpus."""
+"""Shared fixtures: an isolated Prefect home, a real Prefect server, the shipped examples, a bad-input corpus."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import codecs
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,11 +130,15 @@ def write_bad_corpus(root: Path) -> tuple[Path, Path, dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory: pytest.TempPathFactory, prefect_env: dict[str, str]) -> tuple[Path, dict[str, str], Path]:
-    """One uninterrupted smoke build (the README's main command, minus the install): (dataset, env, load log)."""
+    """One uninterrupted smoke build (the README's main command, minus the install): (dataset, env, load log).
+
+    Its console output is kept in `<dataset>/../cli.log`.
+    """
     out = tmp_path_factory.mktemp("smoke") / "ds"
     log = out.parent / "loads.log"
     env = prefect_env | {"QTSPLUS_ENGINE_LOAD_LOG": str(log)}
-    run_cli(["build-dataset", "--out", str(out), "--preset", "smoke"], env)
+    proc = run_cli(["build-dataset", "--out", str(out), "--preset", "smoke"], env)
+    (out.parent / "cli.log").write_text(proc.stdout + proc.stderr)
     return out, env, log
 
 
@@ -144,3 +152,63 @@ def trained(smoke, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     out = tmp_path_factory.mktemp("train") / "run"
     run_cli(["train-selector", "--data", str(data), "--out", str(out), "--preset", "smoke", *TRAIN_STEPS], env)
     return data, out, env
+
+
+# --- a real Prefect server, shared by the tests that need one (tests/test_deployment.py, tests/test_prefect_cli.py) ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_process(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A background process in its own session (so that stop_process ends its children too), output to `log`."""
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_prefect_server(env: dict[str, str], folder: Path, timeout: float = 120) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free localhost port, waited for until healthy: (process, API URL).
+
+    PREFECT_UI_API_URL is set with the port: `--port` alone leaves the UI calling the API on the default 4200.
+    """
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    log = folder / "server.log"
+    proc = start_process([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                          str(port)], env | {"PREFECT_UI_API_URL": api}, log)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"{api}/health", timeout=2).read() == b"true":
+                return proc, api
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            stop_process(proc)
+            raise AssertionError(f"prefect server did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(prefect_env, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    """One real local Prefect server (SQLite) for the session: (API URL, environment whose clients talk to it)."""
+    folder = tmp_path_factory.mktemp("prefect-server")
+    env = prefect_env | {"PREFECT_HOME": str(folder / "home")}
+    proc, api = start_prefect_server(env, folder)
+    try:
+        yield api, env | {"PREFECT_API_URL": api}
+    finally:
+        stop_process(proc)

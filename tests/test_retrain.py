@@ -62,3 +62,17 @@ def test_two_drops_then_a_worse_candidate(prefect_env, tmp_path: Path) -> None:
 
     out = run_cli(args, prefect_env).stdout
     assert "no new captions" in out and registry.list() == ["v0001", "v0002", "v0003"]
+
+
+def test_a_fresh_setup_with_nothing_new_ends_cleanly(prefect_env, tmp_path: Path) -> None:
+    inbox, registry_dir, work = tmp_path / "inbox", tmp_path / "registry", tmp_path / "work"
+    args = ["retrain", "--inbox", str(inbox), "--registry", str(registry_dir), "--work", str(work),
+            "--video-root", str(EXAMPLES / "videos")]
+    missing = subprocess.run([sys.executable, "-m", "qtsplus.cli", *args], env=prefect_env, cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and f"inbox {inbox} does not exist" in missing.stdout + missing.stderr
+
+    inbox.mkdir()  # what serving does (`qtsplus serve`)
+    out = run_cli(args, prefect_env).stdout
+    assert "version: None  promoted: False  current: None" in out and "no new captions" in out
+    assert Registry(registry_dir).list() == [] and not (work / "dataset").exists()  # nothing built or trained
