@@ -140,7 +140,12 @@ class VllmEngine(Engine):
 
     def generate_text(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
         sampling = [self._sampling(params, p, params.max_new_tokens) for p in prompts]
-        return [out.outputs[0].text for out in self._run(prompts, sampling)]
+        # Decoded from the token ids as the transformers backend does: vLLM's incremental detokenizer holds back a
+        # trailing incomplete UTF-8 sequence, which tokenizer.decode renders as U+FFFD, so .text could differ.
+        return [
+            self.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+            for out in self._run(prompts, sampling)
+        ]
 
     def close(self) -> None:
         # vLLM does not reliably give GPU memory back when the LLM is deleted: run each GPU stage in its own process.
