@@ -21,7 +21,7 @@ class BuildConfig(BaseModel):
 
     input: str = Field(description="caption file: ShareGPTVideo JSONL, or {video_id, video, caption} JSONL/Parquet")
     video_root: str = Field(description="folder that every video path in the input is relative to")
-    out: str = Field(description="dataset folder: <out>/<stage>/<split>-<chunk>.parquet")
+    out: str = Field(description="dataset folder: OUT/STAGE/SPLIT-CHUNK.parquet")
     ingest: IngestConfig = IngestConfig()
     vscq1: Vscq1Config
     teacher: TeacherConfig

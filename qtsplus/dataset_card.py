@@ -17,23 +17,46 @@ STAGE_TITLES = {
 }
 
 
+# what each column of `counts_table` means (the artifact's description and the card say it)
+COUNT_COLUMNS = {
+    "read": "input rows the stage read",
+    "rejected": "input rows rejected with a reason (bad input or unusable model output; see the reasons table)",
+    "accepted %": "share of the input rows not rejected",
+    "passed on": "rows written to the splits the next stage (or training) reads",
+    "teacher correct %": "VSCQ2 only: questions the teacher answered correctly, which are the ones kept",
+}
+# the splits a stage's `passed on` counts: what the next stage (or training) reads
+PASSED_ON = {"vscq2": ("train_kept", "eval_kept")}
+SPLIT_ORDER = ("train", "eval", "train_kept", "eval_kept", "train_screened_out", "eval_screened_out", "rejects")
+
+
 def counts_table(manifests: list[StageManifest]) -> list[dict[str, object]]:
-    """One row per (stage, outcome): rows written per split and rejects per reason."""
+    """One row per stage: read, rejected, accepted %, passed on, teacher correct %, then rows per split (one column
+    each; empty where the stage has no such split). Column meanings: `COUNT_COLUMNS`."""
+    splits = [s for s in SPLIT_ORDER if any(s in m.rows_per_split for m in manifests)]
+    splits += sorted({s for m in manifests for s in m.rows_per_split} - set(splits))
     rows: list[dict[str, object]] = []
     for m in manifests:
-        rows.append({"stage": m.stage, "what": "read (input rows)", "count": m.read})
-        rows.append({"stage": m.stage, "what": "kept (input rows with output)", "count": m.kept})
-        rows.append({"stage": m.stage, "what": "rejected (input rows)", "count": m.rejected})
-        rows.append({"stage": m.stage, "what": "keep rate (%)", "count": round(100 * m.kept / m.read, 1) if m.read else 0})
-        if m.stage == "vscq2":
-            correct, total = m.stats.get("correct", 0), m.stats.get("correct", 0) + m.stats.get("wrong", 0)
-            rows.append({"stage": m.stage, "what": "teacher correct (%)",
-                         "count": round(100 * correct / total, 1) if total else 0})
-        for split, n in m.rows_per_split.items():
-            rows.append({"stage": m.stage, "what": f"split {split}", "count": n})
-        for reason, n in m.reasons.items():
-            rows.append({"stage": m.stage, "what": f"reject: {reason}", "count": n})
+        passed = sum(n for split, n in m.rows_per_split.items() if split in PASSED_ON.get(m.stage, ("train", "eval")))
+        correct, wrong = m.stats.get("correct", 0), m.stats.get("wrong", 0)
+        row: dict[str, object] = {
+            "stage": m.stage, "read": m.read, "rejected": m.rejected,
+            "accepted %": _percent(m.read - m.rejected, m.read), "passed on": passed,
+            "teacher correct %": _percent(correct, correct + wrong) if m.stage == "vscq2" else "",
+        }
+        row |= {f"split {s}": m.rows_per_split.get(s, "") for s in splits}
+        rows.append(row)
     return rows
+
+
+def reasons_table(manifests: list[StageManifest]) -> list[dict[str, object]]:
+    """One row per (stage, reject reason) with the rejected input rows."""
+    return [{"stage": m.stage, "reason": reason, "rejected rows": n}
+            for m in manifests for reason, n in sorted(m.reasons.items())]
+
+
+def _percent(part: int, whole: int) -> float | str:
+    return round(100 * part / whole, 1) if whole else ""
 
 
 def _markdown_table(rows: list[dict[str, object]]) -> str:
@@ -52,17 +75,24 @@ def key_distribution(manifest: StageManifest) -> dict[str, float]:
     return {k: (v / total if total else 0.0) for k, v in counts.items()}
 
 
-def sample_questions(root: Path, manifest: StageManifest, n: int = 5) -> list[dict[str, object]]:
-    """The first `n` questions of a question stage, for the card and the UI."""
+def sample_questions(root: Path, manifest: StageManifest, n: int = 5, width: int = 60) -> list[dict[str, object]]:
+    """The first `n` questions of a question stage, for the card and the UI: the answer first, then the question and
+    one column per option, each cut to `width` characters so the table fits a page."""
     rows: list[dict[str, object]] = []
     for f in manifest.files:
         if f.split == "rejects" or len(rows) >= n:
             continue
         for rec in pq.read_table(root / f.path).slice(0, n - len(rows)).to_pylist():
-            options = " / ".join(f"{k}. {rec['options'][k]}" for k in OPTION_KEYS)
-            rows.append({"question_id": rec["question_id"], "type": rec["question_type"], "question": rec["question"],
-                         "options": options, "answer": rec["answer"]})
+            rows.append({"answer": rec["answer"], "type": rec["question_type"],
+                         "question": _cut(rec["question"], width)}
+                        | {k: _cut(rec["options"][k], width // 2) for k in OPTION_KEYS}
+                        | {"question_id": rec["question_id"]})
     return rows
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _provenance_summary(provenance: dict) -> dict:
@@ -78,8 +108,12 @@ def render_card(root: Path, manifests: list[StageManifest], title: str = "qtsplu
     """Markdown dataset card: what each stage holds, counts per filter, provenance and how to load it."""
     parts = [f"# {title}\n\n", "Built by `qtsplus build-dataset`. Every input row is accounted for at every stage: "
              "kept + rejected = read; rejects carry a reason in the `rejects` split of each stage.\n"]
-    parts.append("\n## Counts per stage and filter\n\n")
+    parts.append("\n## Counts per stage\n\n")
     parts.append(_markdown_table(counts_table(manifests)))
+    parts.append("\n" + "\n".join(f"- **{k}**: {v}" for k, v in COUNT_COLUMNS.items()) + "\n")
+    reasons = reasons_table(manifests)
+    if reasons:
+        parts.append("\nRejected rows per reason:\n\n" + _markdown_table(reasons))
     for m in manifests:
         parts.append(f"\n## {STAGE_TITLES.get(m.stage, m.stage)} (`{m.stage}/`)\n\n")
         parts.append(f"Record `{m.record}`, schema version {m.schema_version}, {len(m.files)} files.\n")

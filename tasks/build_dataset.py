@@ -8,6 +8,7 @@ prompt version, model, the fingerprint of the code it reaches) + the schema vers
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,5 +86,6 @@ def run_chunk_tasks(stage: str, chunk_task: Any, out: Path, calls: list[dict[str
     """Submit one cached task per chunk, wait for all, and recompute any cached result whose files are gone;
     `concurrency`: this stage's task threads (a model stage: from its replica pool; None: the flow's runner)."""
     runnable = cached(chunk_task, out, KEY_FUNCTIONS[chunk_task.name])
+    start = time.perf_counter()
     results, states = run_verified(runnable, calls, lambda r: chunk_files_intact(out, r), stage, progress, concurrency)
-    return StageRun(stage, results, {r.chunk: states[i] for i, r in enumerate(results)})
+    return StageRun(stage, results, {r.chunk: states[i] for i, r in enumerate(results)}, time.perf_counter() - start)

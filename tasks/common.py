@@ -77,3 +77,4 @@ class StageRun:
     stage: str
     results: list[ChunkResult] = field(default_factory=list)
     states: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the stage's chunk tasks

@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from qtsplus import ingest
 from qtsplus.atomic import write_text_atomic
 from qtsplus.build_config import BuildConfig
-from qtsplus.dataset_card import counts_table, render_card, sample_questions
+from qtsplus.dataset_card import COUNT_COLUMNS, counts_table, reasons_table, render_card, sample_questions
 from qtsplus.shards import StageManifest, finalize_stage, load_manifest
 from qtsplus.stages import teacher, vscq1
 from schemas import Caption, Record, VQAAnswer, VSCQ1Question, VSCQ2Question
@@ -37,8 +37,13 @@ def provenance(stage: str, config: BuildConfig) -> dict:
 
 @task(name="finalize-stage", cache_policy=NO_CACHE)
 def finalize(out: Path, run: StageRun, config: BuildConfig) -> StageManifest:
-    """Write the stage's manifest (files, rows, sha256, provenance) and drop files no chunk references."""
-    return finalize_stage(out, run.stage, RECORDS[run.stage], run.results, provenance(run.stage, config))
+    """Write the stage's manifest (files, rows, sha256, provenance) and drop files no chunk references; log the stage's
+    summary line (what the run's Logs tab shows for it)."""
+    manifest = finalize_stage(out, run.stage, RECORDS[run.stage], run.results, provenance(run.stage, config))
+    cached = sum(state == "Cached" for state in run.states.values())
+    get_run_logger().info(f"{run.stage}: read {manifest.read}, kept {manifest.kept}, rejected {manifest.rejected}; "
+                          f"{len(run.states)} chunks ({cached} cached) in {run.seconds:.1f} s")
+    return manifest
 
 
 class BuildSummary(BaseModel):
@@ -72,8 +77,12 @@ def publish_build(out: Path, runs: list[StageRun], config: BuildConfig,
     )
     report = summary.model_dump(mode="json") | {"finished_at": datetime.now(timezone.utc).isoformat()}
     write_text_atomic(out / "run-report.json", json.dumps(report, indent=2) + "\n")
+    columns = "; ".join(f"{k}: {v}" for k, v in COUNT_COLUMNS.items())
     create_table_artifact(key="build-dataset-counts", table=counts_table(manifests),
-                          description=f"Rows per stage and filter in {out}")
+                          description=f"One row per stage of {out}. {columns}; split columns: rows written per split")
+    create_table_artifact(key="build-dataset-rejects", table=reasons_table(manifests),
+                          description="Rejected input rows per stage and reason (each has a record in the stage's "
+                                      "rejects split)")
     vscq1 = next((m for m in manifests if m.stage == "vscq1"), None)
     if vscq1 is not None:
         create_table_artifact(key="build-dataset-sample-questions", table=sample_questions(out, vscq1, n=10),

@@ -66,7 +66,7 @@ def publish_training(result: TrainResult, cfg: TrainConfig, state: str) -> str:
     every = max(1, len(steps) // 20)
     table = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()
               if k in ("step", "loss", "lm_loss", "budget_loss", "rho", "n", "kept_fraction", "lr")}
-             for m in steps[::every] + steps[-1:]]
+             for m in steps[::every] + (steps[-1:] if (len(steps) - 1) % every else [])]
     create_table_artifact(key="train-selector-metrics", table=table, description=f"Training metrics of {run}")
     image = base64.b64encode(png.read_bytes()).decode()
     create_markdown_artifact(

@@ -32,8 +32,9 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
     home = tmp_path_factory.mktemp("prefect-home")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
-               QTSPLUS_NO_PROGRESS="1", PYTHONUNBUFFERED="1", QTSPLUS_LOCAL_API_IDLE="120")
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO",
+               PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING", QTSPLUS_NO_PROGRESS="1", PYTHONUNBUFFERED="1",
+               QTSPLUS_LOCAL_API_IDLE="120")
     yield env
     local_api.stop(home)
 

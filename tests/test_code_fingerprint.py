@@ -28,7 +28,7 @@ ENTRIES = {
 
 # the real cache-key functions of the tasks, called with fixed arguments in a fresh interpreter
 KEYS_SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 from qtsplus.build_config import BuildConfig
 from qtsplus.evaluation.config import EvalConfig
 from qtsplus.features.cache import VideoRef
@@ -61,6 +61,11 @@ keys = {
     "evaluate-run": eval_key(None, dict(cfg=EvalConfig.preset("smoke", data="/data/ds", checkpoint="/c", out="/e"),
                                         checkpoint_fp="c", data_fp="d")),
 }
+# a teacher that is a trained QTSplus checkpoint (a local folder): its stage also runs the host model and selectors
+qtsplus_teacher = build.teacher.model_copy(update={"engine": dataclasses.replace(build.teacher.engine,
+                                                                                 model_id=sys.argv[2])})
+keys["vscq2-chunk, QTSplus teacher"] = vscq2_key(None, dict(prev=prev, cfg=qtsplus_teacher, video_root="/v",
+                                                             out="/data/ds"))
 print(json.dumps(keys))
 """
 
@@ -76,9 +81,12 @@ def package_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _keys(root: Path) -> dict[str, str]:
     spec = str(REPO / "examples" / "captions.jsonl")
+    checkpoint = root / "qtsplus-checkpoint"  # what loaders read of a checkpoint to know which code it needs
+    checkpoint.mkdir(exist_ok=True)
+    (checkpoint / "config.json").write_text('{"model_type": "qtsplus_qwen2_5_vl"}')
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PYTHONPATH": str(root)}
-    out = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, spec], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", KEYS_SCRIPT, spec, str(checkpoint)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -94,11 +102,15 @@ def test_editing_a_module_invalidates_exactly_the_tasks_that_reach_it(package_co
     # a module every task reaches, modules only some reach (features/store.py was missing from the hand-kept lists
     # of training and evaluation), modules one task reaches, and modules no cached task reaches
     edits = ["schemas.records", "qtsplus.features.store", "qtsplus.stages.common", "qtsplus.evaluation.metrics",
-             "qtsplus.training.loop", "qtsplus.cli.commands", "qtsplus.retrain"]
+             "qtsplus.training.loop", "qtsplus.selectors.qtsplus.selector", "qtsplus.cli.commands", "qtsplus.retrain"]
+    qtsplus_teacher = "vscq2-chunk, QTSplus teacher"
     expected = {
-        "schemas.records": set(ENTRIES),
+        "schemas.records": set(ENTRIES) | {qtsplus_teacher},
         "qtsplus.features.store": {"feature-chunk", "train-selector-run", "evaluate-run"},
-        "qtsplus.stages.common": {"vscq1-chunk", "vscq2-chunk", "vqa-chunk"},
+        "qtsplus.stages.common": {"vscq1-chunk", "vscq2-chunk", "vqa-chunk", qtsplus_teacher},
+        # the selectors shape what training and evaluation compute, and a stage whose teacher is a QTSplus
+        # checkpoint, but not a dataset stage whose teacher is a plain Qwen2.5-VL
+        "qtsplus.selectors.qtsplus.selector": {"train-selector-run", "evaluate-run", qtsplus_teacher},
         "qtsplus.evaluation.metrics": {"evaluate-run"},
         "qtsplus.training.loop": {"train-selector-run"},
         "qtsplus.cli.commands": set(),
@@ -109,9 +121,9 @@ def test_editing_a_module_invalidates_exactly_the_tasks_that_reach_it(package_co
     for module in edits:
         _edit(package_copy, module)
         after = _keys(package_copy)
-        changed = {kind for kind in ENTRIES if after[kind] != before[kind]}
+        changed = {kind for kind in after if after[kind] != before[kind]}
         assert changed == expected[module], f"editing {module} changed {sorted(changed)}"
-        for kind in changed:  # the closure the keys hash says the same
+        for kind in changed & set(ENTRIES):  # the closure the keys hash says the same
             assert module in module_closure(ENTRIES[kind])
         before = after
 

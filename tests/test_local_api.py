@@ -110,3 +110,18 @@ def test_prefects_own_temporary_server_gives_up_on_a_slow_start(tmp_path: Path) 
                           "--preset", "smoke", *NULL_ENGINES], env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode != 0 and "Timed out while attempting to connect to ephemeral Prefect API" in out.stderr
+
+
+def test_the_server_stops_when_its_prefect_home_is_deleted(tmp_path: Path) -> None:
+    """A test session's temporary PREFECT_HOME goes away with its folder; its server must not outlive it."""
+    import shutil
+
+    home = tmp_path / "home"
+    out = subprocess.run([sys.executable, "-c", ENSURE], env=_env(home), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    pid = json.loads((home / local_api.STATE).read_text())["pid"]
+    shutil.rmtree(home)
+    deadline = time.monotonic() + 60
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _pid_alive(pid), "the server outlived its PREFECT_HOME"

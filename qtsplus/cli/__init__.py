@@ -17,9 +17,11 @@ from pydantic import ValidationError
 
 from qtsplus.cli.commands import COMMANDS, Command
 
-# Prefect reads its settings at import: keep it quiet and offline unless told otherwise.
+# Prefect reads its settings at import: offline, INFO logs to the API (the run's Logs tab tells the story: one summary
+# line per stage), warnings only on the console, unless told otherwise.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 # Prefect's own temporary server (QTSPLUS_LOCAL_API=off) gives up after 20 s, which a busy machine exceeds.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 

@@ -222,8 +222,15 @@ def create_app() -> Any:
 
 
 def _watchdog(home: Path, idle: float, every: float = 2.0) -> None:
+    try:
+        _watch(home, idle, every)
+    finally:  # idle, PREFECT_HOME deleted (a test's temporary folder), or any error: never outlive the watchdog
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down gracefully
+
+
+def _watch(home: Path, idle: float, every: float) -> None:
     last_busy = time.monotonic()
-    while True:
+    while home.is_dir():
         time.sleep(every)
         clients = home / CLIENTS
         live = False
@@ -242,5 +249,4 @@ def _watchdog(home: Path, idle: float, every: float = 2.0) -> None:
                 state = _read_state(home)
                 if state is not None and state.get("pid") == os.getpid():
                     (home / STATE).unlink(missing_ok=True)
-            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn shuts down gracefully
             return

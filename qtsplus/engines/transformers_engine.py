@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from qtsplus.checkpoints import QTSPLUS_MODEL_TYPE, host_model_module
 from qtsplus.engines import (
     NO_PROGRESS_ENV,
     ChoiceResult,
@@ -71,14 +72,12 @@ class TransformersEngine(Engine):
             trust_remote_code=cfg.trust_remote_code,
         )
         self.device = _device(cfg.device)
-        from qtsplus.host.model import register_auto_classes
-
-        register_auto_classes()
+        host = host_model_module(path)  # a trained QTSplus checkpoint: selector between tower and LM
         config = AutoConfig.from_pretrained(path, **kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        self.is_video_model = config.model_type in ("qwen2_5_vl", "qtsplus_qwen2_5_vl")
-        if config.model_type == "qtsplus_qwen2_5_vl":  # a trained QTSplus checkpoint: selector between tower and LM
-            from qtsplus.host.model import QTSplusForConditionalGeneration as model_class
+        self.is_video_model = config.model_type in ("qwen2_5_vl", QTSPLUS_MODEL_TYPE)
+        if host is not None:
+            model_class = host.QTSplusForConditionalGeneration
         elif self.is_video_model:
             from transformers import Qwen2_5_VLForConditionalGeneration as model_class
         else:

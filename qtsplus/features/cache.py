@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor
 
 from qtsplus.atomic import TMP_PREFIX, atomic_file, write_text_atomic
+from qtsplus.checkpoints import model_code
 from qtsplus.features.config import FEATURES_DIR, FeatureConfig
 from qtsplus.features.store import (
     FEATURES_VERSION,
@@ -105,11 +106,11 @@ def model_spec(cfg: FeatureConfig) -> FeatureSpec:
     """The set's identity, from the model's config only (no weights are read)."""
     from transformers import AutoConfig
 
-    from qtsplus.host.model import register_auto_classes
+    from qtsplus.checkpoints import host_model_module
     from qtsplus.tiny import resolve_model
 
-    register_auto_classes()
     path, revision = resolve_model(cfg.model_id, cfg.revision)
+    host_model_module(path)  # a QTSplus checkpoint's config type is registered by its host model
     config = AutoConfig.from_pretrained(path, revision=None if path != cfg.model_id else revision)
     vc = config.vision_config
     return FeatureSpec(
@@ -265,12 +266,12 @@ def load_vision_tower(model_id: str, revision: str | None, compute_dtype: str, d
             Qwen2_5_VisionTransformerPretrainedModel,
         )
 
+        from qtsplus.checkpoints import host_model_module
         from qtsplus.engines import record_load
-        from qtsplus.host.model import register_auto_classes
         from qtsplus.tiny import resolve_model
 
-        register_auto_classes()
         path, resolved = resolve_model(model_id, revision)
+        host_model_module(path)
         if not Path(path).is_dir():
             from huggingface_hub import snapshot_download
 
@@ -386,7 +387,7 @@ def run_feature_chunk(
 
 def depends_on(spec: FeatureSpec) -> dict[str, Any]:
     """What a feature chunk depends on besides its videos' bytes: the cache key and the set manifest's code version."""
-    return {"spec": canonical(spec), "code_version": code_fingerprint(run_feature_chunk)}
+    return {"spec": canonical(spec), "code_version": code_fingerprint(run_feature_chunk, *model_code(spec.model_id))}
 
 
 def chunk_shards_verified(out: Path, result: FeatureChunkResult) -> bool:

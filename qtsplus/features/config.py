@@ -22,7 +22,7 @@ class FeatureConfig(BaseModel):
     """Everything a cache-features run depends on."""
 
     data: str = Field(description="dataset folder written by build-dataset")
-    out: str | None = Field(None, description="feature store folder; default <data>/features")
+    out: str | None = Field(None, description="feature store folder; default DATA/features")
     video_root: str | None = Field(None, description="default: the video root recorded in the dataset's manifest")
     model_id: str = Field("tiny/qwen2.5-vl", description="Qwen2.5-VL (or QTSplus) checkpoint whose vision tower runs")
     revision: str | None = None

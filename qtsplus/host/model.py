@@ -33,6 +33,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 
+from qtsplus.checkpoints import QTSPLUS_MODEL_TYPE
 from qtsplus.host.splice import Spliced, gather_rows, splice, video_slots
 from qtsplus.selectors.qtsplus.config import SelectorConfig
 from qtsplus.selectors.qtsplus.selector import QTSplusSelector, SelectorOutput
@@ -57,7 +58,7 @@ class QTSplusConfig(Qwen2_5_VLConfig):
     None -> defaults shaped like the LM) and run with `method_budget` tokens (int) or ratio of M (float).
     """
 
-    model_type = "qtsplus_qwen2_5_vl"
+    model_type = QTSPLUS_MODEL_TYPE
     selector_config: dict | None = None
     selection_method: str = QTSPLUS_METHOD
     method_config: dict | None = None

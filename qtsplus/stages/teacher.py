@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from qtsplus.checkpoints import model_code
 from qtsplus.engines import EngineConfig, GenerationParams, Prompt, engine_python, get_engine
 from qtsplus.fingerprint import canonical, code_fingerprint
 from qtsplus.prompts import MCQ, mcq_user_prompt, vqa_user_prompt
@@ -35,7 +36,8 @@ def depends_on_vscq2(cfg: TeacherConfig, video_root: str) -> dict[str, Any]:
     return {"engine": engine_settings(cfg.engine), "prompt_version": MCQ.version, "video_root": video_root,
             "video_sampling": canonical(cfg.video), "group_size": cfg.group_size,
             "parameters": {"scoring": "option-letter probabilities"},
-            "code_version": code_fingerprint(run_vscq2_chunk, python=engine_python(cfg.engine))}
+            "code_version": code_fingerprint(run_vscq2_chunk, *model_code(cfg.engine.model_id),
+                                             python=engine_python(cfg.engine))}
 
 
 def depends_on_vqa(cfg: TeacherConfig, video_root: str) -> dict[str, Any]:
@@ -43,7 +45,8 @@ def depends_on_vqa(cfg: TeacherConfig, video_root: str) -> dict[str, Any]:
     return {"engine": engine_settings(cfg.engine), "prompt_version": VQA_PROMPT.version, "video_root": video_root,
             "video_sampling": canonical(cfg.video), "group_size": cfg.group_size,
             "parameters": canonical(cfg.vqa_generation),
-            "code_version": code_fingerprint(run_vqa_chunk, python=engine_python(cfg.engine))}
+            "code_version": code_fingerprint(run_vqa_chunk, *model_code(cfg.engine.model_id),
+                                             python=engine_python(cfg.engine))}
 
 
 def run_vscq2_chunk(

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from qtsplus.checkpoints import model_code
 from qtsplus.engines import EngineConfig, GenerationParams, Prompt, engine_python, get_engine
 from qtsplus.fingerprint import canonical, code_fingerprint
 from qtsplus.prompts import VSCQ1, vscq1_user_prompt
@@ -41,7 +42,8 @@ def depends_on(cfg: Vscq1Config) -> dict[str, Any]:
             "parameters": canonical(cfg.generation) | {"n_questions": cfg.n_questions,
                                                         "max_field_chars": cfg.max_field_chars,
                                                         "shuffle_seed": cfg.shuffle_seed},
-            "code_version": code_fingerprint(run_vscq1_chunk, python=engine_python(cfg.engine))}
+            "code_version": code_fingerprint(run_vscq1_chunk, *model_code(cfg.engine.model_id),
+                                             python=engine_python(cfg.engine))}
 
 
 def question_problem(q: GeneratedQuestion) -> tuple[str, str] | None:
