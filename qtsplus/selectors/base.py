@@ -363,6 +363,38 @@ class Selector(nn.Module, ABC):
 SELECTORS: dict[str, type[Selector]] = {}
 
 
+class PerVideoSelector(Selector):
+    """A training-free method that keeps rows of x and decides one video at a time, from its real rows alone.
+
+    Subclasses implement `select_video(x [m, d], positions [m, 3], n) -> (kept [k] rows of x, scores [m], extras)`;
+    the base class loops over the batch, skips padding and assembles the `Selection`."""
+
+    @abstractmethod
+    def select_video(self, x: Tensor, positions: Tensor, n: int) -> tuple[Tensor, Tensor, dict[str, Any]]: ...
+
+    @torch.no_grad()
+    def select(self, inputs: SelectorInput, n: Tensor, generator: torch.Generator | None) -> Selection:
+        keep = torch.zeros_like(inputs.x_mask)
+        scores = torch.zeros(inputs.x_mask.shape, device=inputs.x.device)
+        extras = []
+        for b in range(inputs.x.shape[0]):
+            real, x = real_rows(inputs, b)  # [m], [m, d]
+            kept, s, extra = self.select_video(x, inputs.positions[b, real], int(n[b]))
+            keep[b, real[kept]] = True
+            scores[b, real] = s
+            extras.append(extra)
+        return selection_from_keep(inputs, keep, n, scores, extras)
+
+
+def real_rows(inputs: SelectorInput, b: int) -> tuple[Tensor, Tensor]:
+    """Video b's real rows: their indices [m] in x and the rows [m, d] (a view of x when they come first, as
+    `SelectorInput.from_grid` and `from_qwen` lay them out; a gathered copy otherwise)."""
+    real = inputs.x_mask[b].nonzero()[:, 0]
+    m = real.numel()
+    prefix = m == 0 or int(real[-1]) == m - 1
+    return real, inputs.x[b, :m] if prefix else inputs.x[b, real]
+
+
 def register(cls: type[Selector]) -> type[Selector]:
     """Class decorator: SELECTORS[cls.name] = cls. `qtsplus.selectors` imports every method module, so the registry
     is complete whenever anything from the package is imported."""

@@ -31,11 +31,12 @@ Where this differs from vLLM's `compute_retention_mask` (vllm/multimodal/evs.py)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from qtsplus.selectors.base import Selection, Selector, SelectorInput, register, selection_from_keep
+from qtsplus.selectors.base import PerVideoSelector, register
 
 NO_PREDECESSOR_SCORE = 2.0  # the largest cosine dissimilarity: a token with nothing to repeat
 
@@ -46,26 +47,16 @@ class EVSConfig:
 
 
 @register
-class EVS(Selector):
+class EVS(PerVideoSelector):
     """`evs`: drop the tokens most similar to the same place in the previous frame; the first frame is kept first."""
 
     name = "evs"
     config_class = EVSConfig
 
-    @torch.no_grad()
-    def select(self, inputs: SelectorInput, n: Tensor, generator: torch.Generator | None) -> Selection:
-        keep = torch.zeros_like(inputs.x_mask)
-        scores = torch.zeros(inputs.x_mask.shape, device=inputs.x.device)
-        extras = []
-        for b in range(inputs.x.shape[0]):
-            real, x = real_rows(inputs, b)  # [m], [m, d]
-            pred = predecessors(inputs.positions[b, real])  # [m], -1 where none
-            s = temporal_dissimilarity(x, pred)  # [m]
-            kept = evs_keep(s, pred < 0, int(n[b]))  # [k] positions in `real`
-            keep[b, real[kept]] = True
-            scores[b, real] = s
-            extras.append(dict(first_tokens=int((pred < 0).sum())))
-        return selection_from_keep(inputs, keep, n, scores, extras)
+    def select_video(self, x: Tensor, positions: Tensor, n: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        pred = predecessors(positions)  # [m], -1 where none
+        s = temporal_dissimilarity(x, pred)  # [m]
+        return evs_keep(s, pred < 0, n), s, dict(first_tokens=int((pred < 0).sum()))
 
 
 def predecessors(positions: Tensor) -> Tensor:
@@ -100,15 +91,6 @@ def temporal_dissimilarity(x: Tensor, pred: Tensor) -> Tensor:
     near = (s[rows] < 1e-4).nonzero()[:, 0]  # candidates for an exact repeat
     s[rows[near[(a[near] == b[near]).all(-1)]]] = 0.0  # 0, not 0 plus rounding noise
     return s
-
-
-def real_rows(inputs: SelectorInput, b: int) -> tuple[Tensor, Tensor]:
-    """Video b's real rows: their indices [m] in x and the rows [m, d] (a view of x when they come first, as
-    `SelectorInput.from_grid` and `from_qwen` lay them out; a gathered copy otherwise)."""
-    real = inputs.x_mask[b].nonzero()[:, 0]
-    m = real.numel()
-    prefix = m == 0 or int(real[-1]) == m - 1
-    return real, inputs.x[b, :m] if prefix else inputs.x[b, real]
 
 
 def evs_keep(s: Tensor, first: Tensor, n: int) -> Tensor:

@@ -34,13 +34,13 @@ Where this differs from vLLM's `compute_retention_mask` (vllm/multimodal/video_p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtsplus.selectors.base import Selection, Selector, SelectorInput, register, selection_from_keep
-from qtsplus.selectors.evs import real_rows
+from qtsplus.selectors.base import PerVideoSelector, register
 
 
 @dataclass
@@ -56,28 +56,20 @@ class VidCom2Config:
 
 
 @register
-class VidCom2(Selector):
+class VidCom2(PerVideoSelector):
     """`vidcom2`: distinctive frames get more of the budget; each frame keeps its most unique tokens."""
 
     name = "vidcom2"
     config_class = VidCom2Config
 
-    @torch.no_grad()
-    def select(self, inputs: SelectorInput, n: Tensor, generator: torch.Generator | None) -> Selection:
-        keep = torch.zeros_like(inputs.x_mask)
-        scores = torch.zeros(inputs.x_mask.shape, device=inputs.x.device)
-        extras = []
-        for b in range(inputs.x.shape[0]):
-            real, x = real_rows(inputs, b)  # [m], [m, d]
-            frame = torch.unique(inputs.positions[b, real, 0], return_inverse=True)[1]  # [m] frame of each token
-            uniqueness, frame_share = self.score(x, frame)  # [m], [T]
-            sizes = torch.bincount(frame)  # [T]
-            weight = 1 + frame_share - 1 / len(sizes)  # 1 + p_t - mean(p)
-            budget = frame_budgets(int(n[b]), weight, sizes, self.config.min_tokens_per_frame)  # [T]
-            keep[b, real[top_per_frame(uniqueness, frame, budget)]] = True
-            scores[b, real] = uniqueness
-            extras.append(dict(frame_share=frame_share.tolist(), frame_budget=budget.tolist()))
-        return selection_from_keep(inputs, keep, n, scores, extras)
+    def select_video(self, x: Tensor, positions: Tensor, n: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        frame = torch.unique(positions[:, 0], return_inverse=True)[1]  # [m] frame of each token
+        uniqueness, frame_share = self.score(x, frame)  # [m], [T]
+        sizes = torch.bincount(frame)  # [T]
+        weight = 1 + frame_share - 1 / len(sizes)  # 1 + p_t - mean(p)
+        budget = frame_budgets(n, weight, sizes, self.config.min_tokens_per_frame)  # [T]
+        kept = top_per_frame(uniqueness, frame, budget)
+        return kept, uniqueness, dict(frame_share=frame_share.tolist(), frame_budget=budget.tolist())
 
     def score(self, x: Tensor, frame: Tensor) -> tuple[Tensor, Tensor]:
         """x [m, d] one video's tokens, frame [m] their frame (0..T-1) -> uniqueness [m] (higher = less like its video

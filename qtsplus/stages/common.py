@@ -39,6 +39,18 @@ def engine_settings(cfg: object) -> dict[str, Any]:
     return {k: v for k, v in canonical(cfg).items() if k != "python"}
 
 
+def ready_groups(questions: Sequence[VSCQ1Question], video_root: Path, sampling: SamplingConfig, group_size: int,
+                 stage: str, chunk: int, rejects: list[Reject]) -> Iterator[list[tuple[VSCQ1Question, VideoClip]]]:
+    """The questions with their decoded clips, a group at a time; a question whose video does not decode becomes a
+    `video_decode_error` reject (appended to `rejects`)."""
+    for group in iter_video_groups(questions, video_root, sampling, group_size):
+        for q, why in group.failed:
+            rejects.append(make_reject(stage, chunk, "video_decode_error", why, q.model_dump_json(),
+                                       record_id=q.question_id))
+        if group.ready:
+            yield group.ready
+
+
 def make_reject(
     stage: str, chunk: int, reason: str, detail: str, raw: str, *, level: str = "row",
     source_row: int | None = None, record_id: str | None = None,

@@ -14,7 +14,7 @@ from qtsplus.fingerprint import canonical, code_fingerprint
 from qtsplus.prompts import MCQ, mcq_user_prompt, vqa_user_prompt
 from qtsplus.prompts import VQA as VQA_PROMPT
 from qtsplus.shards import ChunkResult, ShardFile, read_rows, write_chunk_shards
-from qtsplus.stages.common import engine_info, engine_settings, iter_video_groups, make_reject, stable_seed
+from qtsplus.stages.common import engine_info, engine_settings, make_reject, ready_groups, stable_seed
 from qtsplus.video import SamplingConfig
 from schemas import OPTION_KEYS, OptionProbs, Reject, VQAAnswer, VSCQ1Question, VSCQ2Question
 
@@ -58,15 +58,11 @@ def run_vscq2_chunk(
     splits: dict[str, list[VSCQ2Question]] = {f"{p}_{o}": [] for p in ("train", "eval") for o in ("kept", "screened_out")}
     rejects: list[Reject] = []
     engine = None
-    for group in iter_video_groups(questions, video_root, cfg.video, cfg.group_size):
-        for q, why in group.failed:
-            rejects.append(make_reject(VSCQ2, chunk, "video_decode_error", why, q.model_dump_json(), record_id=q.question_id))
-        if not group.ready:
-            continue
+    for ready in ready_groups(questions, video_root, cfg.video, cfg.group_size, VSCQ2, chunk, rejects):
         engine = engine or get_engine(cfg.engine)
-        prompts = [Prompt(user=mcq_user_prompt(q.question, q.options.model_dump()), video=clip) for q, clip in group.ready]
+        prompts = [Prompt(user=mcq_user_prompt(q.question, q.options.model_dump()), video=clip) for q, clip in ready]
         choices = engine.choose(prompts, OPTION_KEYS)
-        for (q, _), res in zip(group.ready, choices, strict=True):
+        for (q, _), res in zip(ready, choices, strict=True):
             correct = res.choice == q.answer
             rec = VSCQ2Question(**q.model_dump(), teacher_answer=res.choice, teacher_probs=OptionProbs(**res.probs),
                                 correct=correct)
@@ -92,16 +88,12 @@ def run_vqa_chunk(
     by_part: dict[str, list[VQAAnswer]] = {"train": [], "eval": []}
     rejects: list[Reject] = []
     engine = None
-    for group in iter_video_groups(questions, video_root, cfg.video, cfg.group_size):
-        for q, why in group.failed:
-            rejects.append(make_reject(VQA, chunk, "video_decode_error", why, q.model_dump_json(), record_id=q.question_id))
-        if not group.ready:
-            continue
+    for ready in ready_groups(questions, video_root, cfg.video, cfg.group_size, VQA, chunk, rejects):
         engine = engine or get_engine(cfg.engine)
         prompts = [Prompt(user=vqa_user_prompt(q.question), video=clip, seed=stable_seed(q.question_id))
-                   for q, clip in group.ready]
+                   for q, clip in ready]
         answers = engine.generate_text(prompts, cfg.vqa_generation)
-        for (q, _), text in zip(group.ready, answers, strict=True):
+        for (q, _), text in zip(ready, answers, strict=True):
             text = text.strip()
             if not text:
                 rejects.append(make_reject(VQA, chunk, "empty_answer", "the teacher wrote nothing",
