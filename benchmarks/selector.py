@@ -94,8 +94,10 @@ def main() -> None:
 def worker(m: int, args: list[str]) -> dict:
     """Run one measurement in a fresh process (so that its peak memory is its own); its last stdout line is JSON."""
     cmd = [sys.executable, "-m", "benchmarks.selector", "--worker", str(m), *args]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if run.returncode != 0:
+        sys.exit(f"worker {' '.join(cmd[3:])} failed ({run.returncode}):\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -239,23 +239,21 @@ class ScoringHead(nn.Module):
         """W_k diag(w): [h_kv d_h, d], formed in float32 and rounded once to the compute dtype."""
         return (self.k_proj.weight.float() * self.x_norm.weight.float()).to(dtype)
 
-    def _keys(self, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, m, d] -> unscaled keys (W_k diag(w)) x_i [B, m, h_kv d_h] and their float32 scale
-        s_i / sqrt(d_h) [B, m], s_i = rsqrt(mean x_i^2 + eps)."""
-        sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()  # no [m, d] temporary
-        scale = torch.rsqrt(sq / x.shape[-1] + self.config.rms_norm_eps) * self.config.head_dim**-0.5
-        return F.linear(x, weight), scale
+    def _scale(self, x: Tensor) -> Tensor:
+        """x [B, m, d] -> float32 s_i / sqrt(d_h) [B, m], s_i = rsqrt(mean x_i^2 + eps) (no [m, d] temporary)."""
+        sq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
+        return torch.rsqrt(sq / x.shape[-1] + self.config.rms_norm_eps) * self.config.head_dim**-0.5
 
-    def _logits(self, qh: Tensor, keys: Tensor, scale: Tensor | None) -> Tensor:
-        """[B, h_kv, g L, d_h] queries, [B, m, h_kv d_h] keys -> float32 logits [B, h_kv, g L, m], times the
-        per-token scale [B, m] unless it is None (already in the keys)."""
+    def _logits(self, qh: Tensor, keys: Tensor, scale: Tensor | None, out: Tensor | None = None) -> Tensor:
+        """[B, h_kv, g L, d_h] queries, [B, m, h_kv d_h] keys -> float32 logits [B, h_kv, g L, m] (into `out` if
+        given: float32 queries only), times the per-token scale [B, m] unless it is None (already in the keys)."""
         B, m, _ = keys.shape
         kt = keys.view(B, m, self.config.num_kv_heads, self.config.head_dim).permute(0, 2, 3, 1)  # [B, h_kv, d_h, m]
-        logits = (qh @ kt).float()
+        logits = (qh @ kt).float() if out is None else torch.matmul(qh, kt, out=out)
         return logits if scale is None else logits.mul_(scale[:, None, None, :])
 
     def _whole(self, x: Tensor, x_mask: Tensor, qh: Tensor, rows: Tensor) -> Tensor:
-        logits = self._logits(qh, *self._keys(x, self._folded_weight(qh.dtype)))  # [B, h_kv, g L, M]
+        logits = self._logits(qh, F.linear(x, self._folded_weight(qh.dtype)), self._scale(x))  # [B, h_kv, g L, M]
         if self.k_proj.bias is not None:  # + q . b / sqrt(d_h) per row: no effect on r, kept so the graph is the layer's
             b = self.k_proj.bias.view(self.config.num_kv_heads, self.config.head_dim, 1)  # [h_kv, d_h, 1]
             logits = logits + (qh @ b).float() * self.config.head_dim**-0.5
@@ -277,23 +275,33 @@ class ScoringHead(nn.Module):
         # keys are rounded once (as the reference's are)
         scale_keys = qh.dtype == torch.float32
 
-        def keys_of(j: int) -> tuple[Tensor, Tensor | None]:
-            keys, scale = self._keys(x[:, j : j + block], weight)
-            return (keys.mul_(scale[..., None]), None) if scale_keys else (keys, scale)
+        # one allocation for all keys and one reused for the float32 logits of a block: per-block tensors of mixed
+        # sizes and lifetimes fragment the CPU heap (measured: 3-5 blocks' worth of resident memory instead of one)
+        keys = x.new_empty(B, M, weight.shape[0], dtype=weight.dtype)  # [B, M, h_kv d_h]
+        scales = None if scale_keys else torch.empty(B, M, dtype=torch.float32, device=x.device)
+        rows_total = qh[..., 0].numel()  # B h_kv g L
+        buffer = qh.new_empty(rows_total * min(block, M)) if scale_keys else None
 
-        def logits_of(j: int, keys: Tensor, scale: Tensor | None) -> Tensor:  # [B, h_kv, g L, m] float32
-            logits = self._logits(qh, keys, scale)
+        def logits_of(j: int) -> Tensor:  # [B, h_kv, g L, m] float32
+            m = min(block, M - j)
+            scale = None if scales is None else scales[:, j : j + m]
+            out = None if buffer is None else buffer[: rows_total * m].view(*qh.shape[:3], m)
+            logits = self._logits(qh, keys[:, j : j + m], scale, out)
             if padded:
-                logits.masked_fill_(~x_mask[:, None, None, j : j + keys.shape[1]], -math.inf)
+                logits.masked_fill_(~x_mask[:, None, None, j : j + m], -math.inf)
             return logits
 
         # pass 1: keys, and per query row a running max and sum of exp over M (online log-sum-exp)
-        keys = []  # per block: keys [B, m, h_kv d_h] and their scale [B, m] (or None)
         row_max = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
         row_sum = torch.zeros_like(row_max)
         for j in starts:
-            keys.append(keys_of(j))
-            logits = logits_of(j, *keys[-1])
+            xb = x[:, j : j + block]
+            torch.matmul(xb, weight.T, out=keys[:, j : j + block])
+            if scale_keys:
+                keys[:, j : j + block].mul_(self._scale(xb)[..., None])
+            else:
+                scales[:, j : j + block] = self._scale(xb)
+            logits = logits_of(j)
             new_max = torch.maximum(row_max, logits.amax(-1))
             shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # a row with only padding so far: sum stays 0
             exp = logits - shift[..., None] if single else logits.sub_(shift[..., None])  # in place: no temporary
@@ -303,10 +311,9 @@ class ScoringHead(nn.Module):
 
         # pass 2: log alpha = logit - lse, max over heads and question rows
         log_r = torch.empty(B, M, dtype=torch.float32, device=x.device)
-        for i, j in enumerate(starts):
+        for j in starts:
             if not single:
-                logits = logits_of(j, *keys[i])
-            keys[i] = None  # each block's keys are freed once used
+                logits = logits_of(j)
             log_r[:, j : j + block] = logits.sub_(lse[..., None]).amax(dim=(1, 2))
         return log_r
 
