@@ -312,6 +312,23 @@ def test_streamed_scorer_gives_the_same_budget_and_selection(dtype):
         assert torch.equal(out.indices, indices) and torch.equal(out.token_mask, mask)
 
 
+def test_streamed_scorer_allocates_no_m_by_d_tensor():
+    """The folded norm makes no [M, d] tensor: the streamed head's largest allocation is its keys [M, h_kv d_h] (half
+    of X here), where the reference's RMSNorm allocates X's size."""
+    sel, x, q, xm, qm = scoring_inputs([5000], [5], torch.float32)
+    head = sel.scorer.head
+    head.block_bytes = (2**16, 2**16)  # 64 KiB of float32 logits: 819 tokens per block at h = 4, L = 5
+
+    def largest_allocation(fn) -> int:
+        with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
+            fn()
+        return max(e.self_cpu_memory_usage for e in prof.events())
+
+    keys_bytes = x.shape[1] * head.k_proj.out_features * 4
+    assert largest_allocation(lambda: head(x, xm, q, qm)) == keys_bytes < x.numel() * 4
+    assert largest_allocation(lambda: _reference_head_scores(head, x, xm, q, qm)) >= x.numel() * 4
+
+
 def test_scorer_training_form_has_the_reference_gradients():
     """Under autograd the head is the folded whole-logit form: the reference's values and gradients (for the x-side
     norm weight, k_proj, q_proj, and the inputs)."""
