@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from functools import cache
 from importlib import metadata
@@ -99,13 +100,21 @@ def _package_root(top: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# ast.parse from two threads at once can corrupt CPython 3.11's shared AST state ("SystemError: AST constructor
+# recursion depth mismatch", seen here as chunks whose results were not cached): chunk tasks compute their cache keys,
+# and so this, in parallel threads.
+_PARSE = threading.Lock()
+
+
 def _imports(name: str) -> list[str]:
     """Project modules named by the import statements of module `name`."""
     path = _module_file(name)
     assert path is not None
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[str] = []
-    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+    with _PARSE:
+        tree = ast.parse(path.read_bytes(), str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
