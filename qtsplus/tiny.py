@@ -238,6 +238,23 @@ def build_tokenizer(chat_template: str):
     )
 
 
+def vl_config(name: TinyName = "qwen2.5-vl", *, vocab_size: int, image_token_id: int, video_token_id: int,
+              vision_start_token_id: int, vision_end_token_id: int, bos_token_id: int, eos_token_id: int,
+              pad_token_id: int, **overrides):
+    """The tiny Qwen2.5-VL's config (`Qwen2_5_VLConfig`) for a vocabulary and its special token ids: what the saved
+    tiny model is built from, and what tests build an in-memory model from (with their own small vocabulary)."""
+    from transformers import Qwen2_5_VLConfig
+
+    spec = _SPECS[name]
+    if "vision" not in spec:
+        raise ValueError(f"{name} is not a Qwen2.5-VL spec")
+    text = dict(spec["text"], vocab_size=vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(spec["vision"]), image_token_id=image_token_id,
+                            video_token_id=video_token_id, vision_start_token_id=vision_start_token_id,
+                            vision_end_token_id=vision_end_token_id, tie_word_embeddings=True, **overrides)
+
+
 def _build(name: TinyName, out: Path) -> None:
     import torch
     import transformers
@@ -259,18 +276,12 @@ def _build(name: TinyName, out: Path) -> None:
 
             model = Qwen3ForCausalLM(Qwen3Config(**text))
         else:
-            from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+            from transformers import Qwen2_5_VLForConditionalGeneration
 
-            config = Qwen2_5_VLConfig(
-                text_config=text,
-                vision_config=dict(spec["vision"]),
-                image_token_id=ids["<|image_pad|>"],
-                video_token_id=ids["<|video_pad|>"],
-                vision_start_token_id=ids["<|vision_start|>"],
-                vision_end_token_id=ids["<|vision_end|>"],
-                tie_word_embeddings=True,
-            )
-            model = Qwen2_5_VLForConditionalGeneration(config)
+            model = Qwen2_5_VLForConditionalGeneration(vl_config(
+                name, vocab_size=vocab_size, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                **token_ids))
     # As in Qwen's instruct checkpoints: stop at <|im_end|> or <|endoftext|>, pad with <|endoftext|>.
     model.generation_config = GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],

@@ -142,7 +142,7 @@ def test_qwen25vl_reloads_with_matching_token_ids(tmp_path):
 def test_resolve_model():
     assert resolve_model("Qwen/Qwen3-8B", "abc") == ("Qwen/Qwen3-8B", "abc")
     assert resolve_model("/some/local/dir", None) == ("/some/local/dir", None)
-    assert TINY_MODEL_IDS == {"tiny/qwen3", "tiny/qwen2.5-vl"}
+    assert TINY_MODEL_IDS == {"tiny/qwen3", "tiny/qwen2.5-vl", "tiny/qwen2.5-vl-needle"}
     path, revision = resolve_model("tiny/qwen3", None)
     assert revision == tiny_hash("qwen3") and Path(path).name == f"qwen3-{revision}"
     assert resolve_model("tiny/qwen3", revision) == (path, revision)

@@ -474,21 +474,15 @@ def test_qwen_video_inputs_rejects_unresized_frames() -> None:
 
 def test_qwen_video_inputs_feed_a_tiny_qwen25_vision_tower() -> None:
     """A random-weight Qwen2.5-VL vision tower takes our inputs and emits one embedding per video token."""
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
+    from tests._tiny_vl import tiny_config
+
     torch.manual_seed(0)
-    config = Qwen2_5_VLVisionConfig(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=48,
-        fullatt_block_indexes=[1],
-    )
+    config = tiny_config().vision_config
     tower = Qwen2_5_VisionTransformerPretrainedModel(config).eval()
     inputs = qwen_video_inputs(load_video(EXAMPLES / "bikes.mp4"))
     with torch.no_grad():
         out = tower(inputs.pixel_values_videos, grid_thw=inputs.video_grid_thw)
-    assert out.pooler_output.shape == (inputs.num_video_tokens, 48)
+    assert out.pooler_output.shape == (inputs.num_video_tokens, config.out_hidden_size)
     assert torch.isfinite(out.pooler_output).all()
