@@ -106,14 +106,25 @@ def _package_root(top: str) -> Path:
 _PARSE = threading.Lock()
 
 
+_IMPORTS: dict[tuple[str, int, int], list[str]] = {}  # (module, mtime_ns, size) -> what it imports: parse each once
+
+
 def _imports(name: str) -> list[str]:
     """Project modules named by the import statements of module `name`."""
     path = _module_file(name)
     assert path is not None
+    stat = path.stat()
+    key = (name, stat.st_mtime_ns, stat.st_size)
+    with _PARSE:
+        if key not in _IMPORTS:
+            _IMPORTS[key] = _parse_imports(name, path)
+        return _IMPORTS[key]
+
+
+def _parse_imports(name: str, path: Path) -> list[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: list[str] = []
-    with _PARSE:
-        tree = ast.parse(path.read_bytes(), str(path))
+    tree = ast.parse(path.read_bytes(), str(path))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
