@@ -209,7 +209,7 @@ class ScoringHead(nn.Module):
     """
 
     block_size: int | None = None  # tokens per block of the streamed form; None: from block_bytes
-    block_bytes: tuple[int, int] = (16 * 2**20, 256 * 2**20)  # (CPU, CUDA) size of one block of float32 logits
+    block_bytes: tuple[int, int] = (32 * 2**20, 256 * 2**20)  # (CPU, CUDA) size of one block of float32 logits
 
     def __init__(self, config: SelectorConfig) -> None:
         super().__init__()
@@ -275,32 +275,29 @@ class ScoringHead(nn.Module):
         # keys are rounded once (as the reference's are)
         scale_keys = qh.dtype == torch.float32
 
-        # one allocation for all keys and one reused for the float32 logits of a block: per-block tensors of mixed
-        # sizes and lifetimes fragment the CPU heap (measured: 3-5 blocks' worth of resident memory instead of one)
-        keys = x.new_empty(B, M, weight.shape[0], dtype=weight.dtype)  # [B, M, h_kv d_h]
-        scales = None if scale_keys else torch.empty(B, M, dtype=torch.float32, device=x.device)
+        # The keys of all M tokens in one product and one allocation, the norm scale in one pass over X, and the
+        # float32 logits of every block in one reused buffer: on 2 shared CPU cores every parallel operation can
+        # stall for a scheduler slice (a few ms) when a thread is descheduled, so few, large operations matter; and
+        # per-block tensors of mixed sizes and lifetimes fragment the CPU heap (3-5 blocks' worth of resident memory).
+        keys = F.linear(x, weight)  # [B, M, h_kv d_h], unscaled
+        scale = self._scale(x)  # [B, M] float32
+        if scale_keys:
+            keys.mul_(scale[..., None])
         rows_total = qh[..., 0].numel()  # B h_kv g L
         buffer = qh.new_empty(rows_total * min(block, M)) if scale_keys else None
 
         def logits_of(j: int) -> Tensor:  # [B, h_kv, g L, m] float32
             m = min(block, M - j)
-            scale = None if scales is None else scales[:, j : j + m]
             out = None if buffer is None else buffer[: rows_total * m].view(*qh.shape[:3], m)
-            logits = self._logits(qh, keys[:, j : j + m], scale, out)
+            logits = self._logits(qh, keys[:, j : j + m], None if scale_keys else scale[:, j : j + m], out)
             if padded:
                 logits.masked_fill_(~x_mask[:, None, None, j : j + m], -math.inf)
             return logits
 
-        # pass 1: keys, and per query row a running max and sum of exp over M (online log-sum-exp)
+        # pass 1: per query row, a running max and sum of exp over M (online log-sum-exp)
         row_max = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
         row_sum = torch.zeros_like(row_max)
         for j in starts:
-            xb = x[:, j : j + block]
-            torch.matmul(xb, weight.T, out=keys[:, j : j + block])
-            if scale_keys:
-                keys[:, j : j + block].mul_(self._scale(xb)[..., None])
-            else:
-                scales[:, j : j + block] = self._scale(xb)
             logits = logits_of(j)
             new_max = torch.maximum(row_max, logits.amax(-1))
             shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # a row with only padding so far: sum stays 0
