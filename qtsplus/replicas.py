@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, PositiveInt
@@ -63,6 +65,8 @@ def visible_gpus() -> list[str]:
                 break  # CUDA ignores everything from the first invalid entry on
             found.append(d)
         return found
+    if "torch" not in sys.modules and not Path("/proc/driver/nvidia").exists():
+        return []  # no NVIDIA driver: no GPU to count, and no 2 s torch import for a stage that may be all cached
     try:
         import torch
     except ImportError:

@@ -8,6 +8,8 @@ result it returns (cached or not) fails its check (files gone or changed), runs 
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -42,10 +44,15 @@ TASK_OPTIONS: dict[str, Any] = dict(persist_result=True, retries=2, retry_delay_
 
 
 def result_storage(out: Path) -> LocalFileSystem:
-    """A storage block for `<out>/.cache/prefect/results` (Prefect wants result storage saved server-side)."""
-    path = out / ".cache" / "prefect" / "results"
-    block = LocalFileSystem(basepath=str(path))
-    block.save(f"qtsplus-results-{fingerprint(str(path))[:16]}", overwrite=True)
+    """A storage block for `<out>/.cache/prefect/results` (Prefect wants result storage saved server-side), saved once
+    per process and API: every stage of a run shares it, and each save is several API calls."""
+    return _saved_storage(str(out / ".cache" / "prefect" / "results"), os.environ.get("PREFECT_API_URL"))
+
+
+@functools.cache
+def _saved_storage(path: str, api: str | None) -> LocalFileSystem:
+    block = LocalFileSystem(basepath=path)
+    block.save(f"qtsplus-results-{fingerprint(path)[:16]}", overwrite=True)
     return block
 
 

@@ -69,10 +69,10 @@ def test_documented_command_runs_as_written(where: str, command: str) -> None:
         from qtsplus.cli import build_parser, config_for
 
         if len(argv) == 2:  # a command named in prose: it must exist
-            assert argv[1] in build_parser()._subparsers._group_actions[0].choices, f"{where}: no command {argv[1]}"
+            assert argv[1] in build_parser(argv[1:])._subparsers._group_actions[0].choices, f"{where}: no command"
             return
         try:
-            args = build_parser().parse_args(argv[1:])
+            args = build_parser(argv[1:]).parse_args(argv[1:])
         except SystemExit as exit_:
             pytest.fail(f"{where}: `{command}` does not parse (exit {exit_.code})")
         if args.command != "serve" and "--help" not in argv:

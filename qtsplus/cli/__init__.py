@@ -26,7 +26,10 @@ os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command. Only the command `argv` names loads its preset table (for `--preset` choices),
+    so that a command does not import the others' configs (cache-features' would import torch)."""
+    selected = next((a for a in argv or () if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="qtsplus", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
@@ -37,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(arg.option, dest=arg.field, required=arg.required, help=arg.help, nargs=arg.nargs,
                            choices=arg.choices)
         if command.presets:
-            p.add_argument("--preset", default=command.default_preset, choices=command.preset_names(),
+            choices = command.preset_names() if command.name == selected else None
+            p.add_argument("--preset", default=command.default_preset, choices=choices,
                            help=f"named settings to start from (default: {command.default_preset})")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a setting by dotted key, e.g. --set max_steps=100; repeatable; values parse "
@@ -84,7 +88,8 @@ def run(command: Command, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if args.command == "serve":
         from flows.deployments import serve_main
 
