@@ -3,6 +3,7 @@ and the replica pool a model stage's chunk tasks run on (docs/scale_out.md)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -73,7 +74,8 @@ def _run_verified(submit: Callable[..., Any], runnable: Any, calls: list[dict[st
     per_replica: Counter[str] = Counter()
     log = get_run_logger()
     bar = tqdm(total=len(calls), desc=f"{label:>8}", unit="chunk", disable=not progress or not sys.stderr.isatty())
-    ui = create_progress_artifact(progress=0.0, description=f"{label}: chunks done (%)") if calls else None
+    key = "progress-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")  # keyed: listed on the Artifacts page
+    ui = create_progress_artifact(progress=0.0, key=key, description=f"{label}: chunks done (%)") if calls else None
     for future in as_completed(list(futures)):
         i = futures[future]
         by_index[i], states[i] = recompute_if_invalid(runnable, calls[i], future.result(), future.state.name, verify)

@@ -87,3 +87,13 @@ def test_training_metrics_table_lists_each_step_once(trained, client) -> None:
     rows = latest_table(client, "train-selector-metrics")
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # TRAIN_STEPS: 12 steps, the last one listed once
+
+
+def test_progress_artifacts_are_keyed_per_stage(client) -> None:
+    """Keyed artifacts are what the Artifacts page lists: one progress artifact per stage, at 100% after the build."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
+
+    for stage in STAGES:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"progress-{stage}"]), type=ArtifactFilterType(any_=["progress"])))
+        assert found and all(a.data == 100.0 for a in found), stage
