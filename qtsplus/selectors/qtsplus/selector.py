@@ -322,8 +322,8 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 def _inference_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x @ weight.T, no autograd. For float32 on CPU torch's oneDNN kernel: for the key projection ([M, 2048] x
     [2048, 256]) it ran 25% faster than F.linear's MKL sgemm on this project's AMD EPYC (AVX-512), at the same float32
-    accuracy. Elsewhere (CUDA, bf16, builds without oneDNN) F.linear."""
-    if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32:
+    accuracy. Elsewhere (CUDA, bf16, strided x, builds without oneDNN) F.linear."""
+    if _ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     return F.linear(x, weight)
 
