@@ -269,7 +269,6 @@ class ScoringHead(nn.Module):
         block = self.block_size or max(256, self.block_bytes[x.device.type == "cuda"] // (4 * qh[..., 0].numel()))
         weight = self._folded_weight(qh.dtype)
         starts = range(0, M, block)
-        single = len(starts) == 1  # one block: pass 2 reuses its logits from pass 1
         padded = not bool(x_mask.all())
         # float32 keys take the per-token scale once; lower precision keeps it for the float32 logits, so that the
         # keys are rounded once (as the reference's are)
@@ -294,6 +293,10 @@ class ScoringHead(nn.Module):
                 logits.masked_fill_(~x_mask[:, None, None, j : j + m], -math.inf)
             return logits
 
+        if len(starts) == 1:  # one block: a plain log-softmax over M
+            log_alpha = logits_of(0).log_softmax(-1).masked_fill_(~rows[..., None], -math.inf)
+            return log_alpha.amax(dim=(1, 2))
+
         # pass 1: per query row, a running max and sum of exp over M (online log-sum-exp)
         row_max = qh.new_full(qh.shape[:3], -math.inf, dtype=torch.float32)  # [B, h_kv, g L]
         row_sum = torch.zeros_like(row_max)
@@ -301,17 +304,14 @@ class ScoringHead(nn.Module):
             logits = logits_of(j)
             new_max = torch.maximum(row_max, logits.amax(-1))
             shift = new_max.masked_fill(new_max == -math.inf, 0.0)  # a row with only padding so far: sum stays 0
-            exp = logits - shift[..., None] if single else logits.sub_(shift[..., None])  # in place: no temporary
-            row_sum = row_sum * (row_max - shift).exp() + exp.exp_().sum(-1)
+            row_sum = row_sum * (row_max - shift).exp() + logits.sub_(shift[..., None]).exp_().sum(-1)  # in place
             row_max = new_max
         lse = (shift + row_sum.log()).masked_fill(~rows, math.inf)  # padded question rows: never the max
 
         # pass 2: log alpha = logit - lse, max over heads and question rows
         log_r = torch.empty(B, M, dtype=torch.float32, device=x.device)
         for j in starts:
-            if not single:
-                logits = logits_of(j)
-            log_r[:, j : j + block] = logits.sub_(lse[..., None]).amax(dim=(1, 2))
+            log_r[:, j : j + block] = logits_of(j).sub_(lse[..., None]).amax(dim=(1, 2))
         return log_r
 
 
