@@ -5,12 +5,13 @@ Shapes: d = 2048, 16 query heads, 2 K/V heads, SwiGLU 11008, 32 question tokens,
 --part scorer (default): the scoring stage (scorer -> r -> budget head -> top-n indices, everything before the
 re-encoder) with the scoring head as first written (`_reference_head_scores`: RMSNorm over X, whole logits) and as it
 is now (folded RMSNorm, streamed over M), side by side, n_max = 2560, the budget head as initialised (it reads max r
-and H(p)). Each (M, form) runs in a fresh process: a warm-up on 1024 tokens pages in the kernels, then the peak memory
-is reset and the first full forward's peak growth is read (CPU: the kernel's peak RSS, VmHWM, above the RSS before the
-call; CUDA: max_memory_allocated above the allocation before the call); the time is the median of `--repeats`
-forwards, that first one included (every call page-faults its temporaries afresh). The parent compares the kept
-indices and log r of the two forms. MB = 10^6 bytes. The last line is, for the largest M,
-`scorer: speedup=<x> peak_mb=<new> peak_mb_before=<old> indices_equal=<true|false>`.
+and H(p)), x-side norm weight uniform in [0.5, 1.5]. Peak memory: each form in a fresh process, a warm-up on 1024
+tokens pages in the kernels, then the peak is reset and one full forward's growth is read (CPU: the kernel's peak RSS,
+VmHWM, above the RSS before the call; CUDA: max_memory_allocated above the allocation before the call); that run's
+indices and log r are compared. Time: a third process runs the two forms alternately (before, after, before, ...)
+and reports each one's median, so that both see the same background load (this machine's 2 cores are shared);
+repeats: max(3, 60000 / M) unless --repeats. MB = 10^6 bytes; "load" is the 1-minute load average after the row.
+The last line is, for the largest M, `scorer: speedup=<x> peak_mb=<new> peak_mb_before=<old> indices_equal=<true|false>`.
 
 --part selector: one inference forward of the whole selector (hard top-n, rho fixed at 0.11, about the paper's Fig. 4
 operating point: ~180k visual tokens -> ~20k kept, n_max = M) in a fresh process per size, its peak memory, and one LM
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -66,13 +68,16 @@ def main() -> None:
     parser.add_argument("--n-max", type=int, default=2560, help="--part scorer: the cap on kept tokens")
     parser.add_argument("--scoring-depth", type=int, default=1)
     parser.add_argument("--reencoder-depth", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=None, help="default: 3 (scorer), 5 (selector)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="default: max(3, 60000 / M) (scorer), 5 (selector)"
+    )
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--form", choices=FORMS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--form", choices=[*FORMS, "both"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.repeats = args.repeats or (3 if args.part == "scorer" else 5)
+    if args.part == "selector":
+        args.repeats = args.repeats or 5
     torch.set_num_threads(args.threads)
 
     if args.worker is not None:
@@ -80,8 +85,9 @@ def main() -> None:
         print(json.dumps(result))
         return
     common = [f"--part={args.part}", f"--device={args.device}", f"--dtype={args.dtype}", f"--threads={args.threads}",
-              f"--rho={args.rho}", f"--n-max={args.n_max}", f"--repeats={args.repeats}",
-              f"--scoring-depth={args.scoring_depth}", f"--reencoder-depth={args.reencoder_depth}"]  # fmt: skip
+              f"--rho={args.rho}", f"--n-max={args.n_max}", f"--scoring-depth={args.scoring_depth}",
+              f"--reencoder-depth={args.reencoder_depth}"]  # fmt: skip
+    common += [f"--repeats={args.repeats}"] if args.repeats else []
     if args.part == "scorer":
         compare_scorers(args, common)
         return
@@ -109,39 +115,41 @@ FORMS = ("before", "after")
 def compare_scorers(args: argparse.Namespace, common: list[str]) -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"QTSplus scoring stage (scorer, budget head, top-n) at Qwen2.5-VL-3B shapes: {args.dtype}, {device}, "
-          f"L={QUESTION}, scoring depth {args.scoring_depth}, n_max={args.n_max}, median of {args.repeats}; "
-          f"before = RMSNorm over X and whole logits, after = folded and streamed; MB = 10^6 bytes")  # fmt: skip
+          f"L={QUESTION}, scoring depth {args.scoring_depth}, n_max={args.n_max}; before = RMSNorm over X and whole "
+          f"logits, after = folded and streamed; ms = median of interleaved forwards; MB = 10^6 bytes")  # fmt: skip
     header = (
-        f"{'M':>8} {'n':>5} {'before ms':>10} {'after ms':>10} {'speedup':>8} {'before MB':>10} {'after MB':>9} "
-        f"{'indices equal':>14} {'max |d log r|':>14}"
+        f"{'M':>8} {'n':>5} {'reps':>5} {'before ms':>10} {'after ms':>10} {'speedup':>8} {'before MB':>10} "
+        f"{'after MB':>9} {'indices equal':>14} {'max |d log r|':>14} {'load':>5}"
     )
     print(header)
     print("-" * len(header), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.sizes:
-            runs, outs = {}, {}
-            for form in FORMS:
+            peaks, outs = {}, {}
+            for form in FORMS:  # each peak in a fresh process, with its indices and log r
                 path = Path(tmp) / f"{m}-{form}.pt"
-                runs[form] = worker(m, [*common, f"--form={form}", f"--out={path}"])
+                peaks[form] = worker(m, [*common, f"--form={form}", f"--out={path}"])["peak_mb"]
                 outs[form] = torch.load(path)
-            before, after = runs["before"], runs["after"]
+            times = worker(m, [*common, "--form=both"])  # both forms in one process, alternating
             equal = torch.equal(outs["before"]["indices"], outs["after"]["indices"])
             a, b = outs["before"]["log_r"], outs["after"]["log_r"]
             finite = a.isfinite() & b.isfinite()
             diff = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
             if not torch.equal(a.isfinite(), b.isfinite()):
                 diff = math.inf
-            speedup = before["ms"] / after["ms"]
-            print(f"{m:>8} {after['n']:>5} {before['ms']:>10.1f} {after['ms']:>10.1f} {speedup:>7.2f}x "
-                  f"{before['peak_mb']:>10.1f} {after['peak_mb']:>9.1f} {str(equal).lower():>14} {diff:>14.2e}",
-                  flush=True)  # fmt: skip
-    print(f"scorer: speedup={speedup:.2f} peak_mb={after['peak_mb']:.1f} peak_mb_before={before['peak_mb']:.1f} "
+            speedup = times["before"] / times["after"]
+            load = os.getloadavg()[0]
+            print(f"{m:>8} {outs['after']['n']:>5} {times['repeats']:>5} {times['before']:>10.1f} "
+                  f"{times['after']:>10.1f} {speedup:>7.2f}x {peaks['before']:>10.1f} {peaks['after']:>9.1f} "
+                  f"{str(equal).lower():>14} {diff:>14.2e} {load:>5.1f}", flush=True)  # fmt: skip
+    print(f"scorer: speedup={speedup:.2f} peak_mb={peaks['after']:.1f} peak_mb_before={peaks['before']:.1f} "
           f"indices_equal={str(equal).lower()}")  # fmt: skip
 
 
 def measure_scorer(m: int, args: argparse.Namespace) -> dict:
-    """One form of the scoring stage at M = m: peak growth of the first forward, median time, n; saves indices and
-    log r to args.out."""
+    """--form before|after: the peak growth of one forward of that form in this fresh process (after a warm-up on
+    1024 tokens that pages in the kernels); saves its indices, log r and n to args.out. --form both: the median time
+    of each form over `repeats` alternating forwards (before, after, before, ...), so that both see the same load."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     torch.manual_seed(0)
     config = SelectorConfig(
@@ -153,25 +161,28 @@ def measure_scorer(m: int, args: argparse.Namespace) -> dict:
         selector.scorer.head.x_norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(1, m, HIDDEN, device=device, dtype=dtype)
     q = torch.randn(1, QUESTION, HIDDEN, device=device, dtype=dtype)
-    head = _reference_head_scores if args.form == "before" else None
+    heads = {"before": _reference_head_scores, "after": None}
 
-    def run(x: torch.Tensor):
-        return scoring_stage(selector, x, q, head)
-
-    seconds = []
     with torch.inference_mode():
-        run(x[:, :1024])  # pages in the kernels and thread pools, so the peak below is the forward's own
+        for head in heads.values() if args.form == "both" else [heads[args.form]]:
+            scoring_stage(selector, x[:, :1024], q, head)  # warm-up: kernels, thread pools
         sync(device)
-        before = peak_memory(device, reset=True)
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            indices, log_r, n = run(x)
+        if args.form != "both":
+            before = peak_memory(device, reset=True)
+            indices, log_r, n = scoring_stage(selector, x, q, heads[args.form])
             sync(device)
-            seconds.append(time.perf_counter() - start)
-            if len(seconds) == 1:
-                peak = peak_memory(device) - before
-    torch.save(dict(indices=indices.cpu(), log_r=log_r.cpu()), args.out)
-    return dict(M=m, form=args.form, n=n, ms=statistics.median(seconds) * 1e3, peak_mb=peak / 1e6)
+            peak = peak_memory(device) - before
+            torch.save(dict(indices=indices.cpu(), log_r=log_r.cpu(), n=n), args.out)
+            return dict(M=m, form=args.form, peak_mb=peak / 1e6)
+        repeats = args.repeats or max(3, round(60_000 / m))  # small M: more repeats, the times are short and noisy
+        seconds = {form: [] for form in heads}
+        for _ in range(repeats):
+            for form, head in heads.items():
+                start = time.perf_counter()
+                scoring_stage(selector, x, q, head)
+                sync(device)
+                seconds[form].append(time.perf_counter() - start)
+    return dict(M=m, repeats=repeats, **{form: statistics.median(s) * 1e3 for form, s in seconds.items()})
 
 
 def scoring_stage(selector: QTSplusSelector, x: torch.Tensor, q: torch.Tensor, head=None):
