@@ -12,12 +12,12 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from qtsplus.atomic import write_text_atomic
 from qtsplus.evaluation.config import EvalConfig
 from qtsplus.evaluation.harness import Harness, latency_sweep, run_predictions
 from qtsplus.evaluation.metrics import summarize
 from qtsplus.evaluation.report import plot_accuracy_vs_tokens, plot_latency_sweep, render_report
 from qtsplus.fingerprint import code_fingerprint, file_sha256
-from qtsplus.atomic import write_text_atomic
 from schemas import EvalPrediction, to_table
 
 PREDICTIONS = "predictions.parquet"

@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from qtsplus.fingerprint import code_fingerprint, file_sha256
 from qtsplus.atomic import write_text_atomic
+from qtsplus.fingerprint import code_fingerprint, file_sha256
 from qtsplus.tiny import resolve_model
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.loop import METRICS, newest_checkpoint

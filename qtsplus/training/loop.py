@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qtsplus.atomic import write_text_atomic
 from qtsplus.features.store import open_feature_set
 from qtsplus.selectors.qtsplus.losses import attention_cost, budget_prior, memory_cost
-from qtsplus.atomic import write_text_atomic
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.data import Collator, batches, default_video_root
 from qtsplus.training.model import build_model, export_final
