@@ -18,7 +18,7 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: optional target_tokens (needle task) and target_recall
 
 QUESTION_TYPES: tuple[str, ...] = (
     "object_identity",
@@ -104,6 +104,9 @@ class VSCQ1Question(Record):
     difficulty: Difficulty
     rationale: str
     evidence: str
+    target_tokens: list[int] | None = Field(
+        None, description="visual-token indices that hold what the question asks about, when known by construction "
+        "(the needle task, qtsplus.needle); None for generated questions")
 
 
 class VSCQ2Question(VSCQ1Question):
@@ -126,6 +129,7 @@ class VQAAnswer(Record):
     question: str
     answer_key: OptionKey = Field(description="the teacher-validated option key of the MCQ form of this question")
     prediction: str = Field(description="the teacher's free-form answer")
+    target_tokens: list[int] | None = Field(None, description="as VSCQ1Question.target_tokens")
 
 
 class Reject(Record):
@@ -163,6 +167,8 @@ class EvalPrediction(Record):
     lm_tokens: int = Field(description="length of the sequence the LM prefilled")
     rho: float | None = Field(description="QTSplus's predicted retention fraction")
     latency_s: float = Field(description="mcq: the scoring forward; vqa: time to the full answer")
+    target_recall: float | None = Field(None, description="share of the question's target_tokens among the visual "
+                                        "token slots that reached the LM (None: no target_tokens)")
 
 
 RAW_MAX_CHARS = 2000
@@ -192,6 +198,8 @@ def _arrow_type(annotation: object) -> tuple[pa.DataType, bool]:
         if kinds != {str}:
             raise TypeError(f"only string literals are supported, got {annotation!r}")
         return pa.string(), False
+    if origin is list:
+        return pa.list_(_arrow_type(get_args(annotation)[0])[0]), False
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return pa.struct(_arrow_fields(annotation)), False
     simple = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}

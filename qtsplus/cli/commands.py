@@ -97,6 +97,12 @@ def print_evaluation(summary: Any) -> None:
     print(f"report: {summary.out}/report.md")
 
 
+def print_needle(summary: Any) -> None:
+    states = ", ".join(f"{n} {s}" for s, n in sorted(Counter(summary.states.values()).items()))
+    print(f"\nneedle dataset: {summary.out} ({summary.tokens_per_video} visual tokens per video)\n"
+          f"videos: {summary.videos}; questions: {summary.rows['vscq2']}; [{states}]\ncard: {summary.out}/README.md")
+
+
 def print_retrain(outcome: dict) -> None:
     print(f"\nversion: {outcome['version']}  promoted: {outcome['promoted']}  current: {outcome['current']}\n"
           f"{outcome['decision']}")
@@ -132,7 +138,7 @@ COMMANDS: tuple[Command, ...] = (
         default_preset="smoke",
         args=(Arg("data", "dataset folder written by build-dataset", required=True),
               Arg("out", "run folder (checkpoints, final/, metrics.jsonl, curves.png)", required=True),
-              Arg("variant", "what trains; default: the preset's", choices=("selector", "selector+lm"))),
+              Arg("variant", "what trains; default: the preset's", choices=("selector", "selector+lm", "base"))),
         flow="flows.train_selector:train_selector", printer=print_training,
         examples=("qtsplus train-selector --data runs/smoke --out runs/smoke-train --preset smoke",
                   "qtsplus train-selector --data D --out R --preset qtsplus-3b --set max_steps=100"),
@@ -160,5 +166,15 @@ COMMANDS: tuple[Command, ...] = (
         flow="flows.retrain:retrain", printer=print_retrain,
         examples=("qtsplus retrain --inbox runs/inbox --registry runs/registry --work runs/work "
                   "--video-root examples/videos --set promotion.min_delta=0.01",),
+    ),
+    Command(
+        name="build-needle", help="the needle-in-a-video-haystack dataset: videos and questions with known answers",
+        config="qtsplus.needle.config:NeedleConfig", presets="qtsplus.needle.config:NEEDLE_PRESETS",
+        default_preset="needle",
+        args=(Arg("out", "dataset folder", required=True),
+              Arg("seed", "data seed (default: the preset's)")),
+        flow="flows.needle:build_needle", printer=print_needle, progress=True,
+        examples=("qtsplus build-needle --out runs/needle/data --preset needle",
+                  "qtsplus build-needle --out runs/needle-ci --preset needle-ci --set seed=1"),
     ),
 )

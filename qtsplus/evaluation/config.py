@@ -13,6 +13,7 @@ from qtsplus.video import SamplingConfig
 TEACHER = "teacher"  # the base model the checkpoint was trained from, no selection
 NO_SELECTION = "no_selection"  # the checkpoint with its selector switched off (equals the teacher for `selector`)
 QTSPLUS = "qtsplus"  # the checkpoint's own selector and its own (adaptive) budget
+QTSPLUS_NO_TIME = "qtsplus_no_time"  # ablation: the checkpoint's QTSplus with its time embedding zeroed (at `budgets`)
 
 
 class EvalConfig(BaseModel):
@@ -30,6 +31,9 @@ class EvalConfig(BaseModel):
     methods: list[str] = [TEACHER, QTSPLUS, "uniform_frames", "random_tokens"]
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method config overrides")
     budget: float | int = Field(0.25, description="budget of comparators when qtsplus is not evaluated (ratio or count)")
+    budgets: list[float | int] = Field(default_factory=list, description="fixed budgets (ratios of M or token counts): "
+                                       "when set, every selecting method, the checkpoint's own selector included, "
+                                       "runs once per budget, reported as 'method@budget' (e.g. uniform_frames@10%)")
     mcq_split: str = "eval_kept"
     vqa_split: str = "eval"
     max_mcq: int | None = None
@@ -53,4 +57,8 @@ EVAL_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"methods": [TEACHER, QTSPLUS, "uniform_frames", "random_tokens", "flexselect", "vqtoken", "evs",
                           "vidcom2"],
               "max_vqa": 500, "latency_frames": [50, 100, 200, 300, 400, 500, 600]},
+    # the needle task (docs/needle.md): MCQ accuracy and needle recall of every method at fixed budgets
+    "needle": {"methods": [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, "uniform_frames", "random_tokens", "flexselect",
+                           "flexselect_lite", "vqtoken", "evs", "vidcom2"],
+               "budgets": [0.05, 0.1, 0.25, 0.5], "max_vqa": 0},
 }

@@ -16,7 +16,12 @@ from qtsplus.atomic import write_text_atomic
 from qtsplus.evaluation.config import EvalConfig
 from qtsplus.evaluation.harness import Harness, latency_sweep, run_predictions
 from qtsplus.evaluation.metrics import summarize
-from qtsplus.evaluation.report import plot_accuracy_vs_tokens, plot_latency_sweep, render_report
+from qtsplus.evaluation.report import (
+    plot_accuracy_vs_budget,
+    plot_accuracy_vs_tokens,
+    plot_latency_sweep,
+    render_report,
+)
 from qtsplus.fingerprint import code_fingerprint, file_sha256
 from schemas import EvalPrediction, to_table
 
@@ -82,6 +87,8 @@ def evaluate_checkpoint(cfg: EvalConfig, progress: bool = True) -> EvalSummary:
         sweep = latency_sweep(harness, questions[0], cfg.latency_frames, cfg.latency_max_new_tokens)
         write_text_atomic(out / "latency.json", json.dumps(sweep, indent=2) + "\n")
     plots = {"accuracy": plot_accuracy_vs_tokens(metrics, out / "accuracy_vs_tokens.png").name}
+    if cfg.budgets and (by_budget := plot_accuracy_vs_budget(metrics, out / "accuracy_vs_budget.png")):
+        plots["budget"] = by_budget.name
     if sweep:
         plots["latency"] = plot_latency_sweep(sweep, out / "latency_vs_frames.png").name
     info = {"checkpoint": cfg.checkpoint, "data": cfg.data, "mcq_split": cfg.mcq_split, "vqa_split": cfg.vqa_split,

@@ -18,6 +18,7 @@ stock model), the VQA generations and the latency sweep always decode the video.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ import torch
 from qtsplus.engines import EngineConfig, GenerationParams, Prompt
 from qtsplus.engines.chat import option_token_ids
 from qtsplus.engines.transformers_engine import TransformersEngine
-from qtsplus.evaluation.config import NO_SELECTION, QTSPLUS, TEACHER, EvalConfig
+from qtsplus.evaluation.config import NO_SELECTION, QTSPLUS, QTSPLUS_NO_TIME, TEACHER, EvalConfig
 from qtsplus.evaluation.metrics import rouge_l
 from qtsplus.features.store import open_feature_set, video_prompt_ids
 from qtsplus.prompts import mcq_user_prompt, vqa_user_prompt
@@ -108,12 +109,21 @@ class Harness:
             print(f"{self.cfg.checkpoint} holds a trained {own} selector: 'qtsplus' in methods evaluates it as {own}")
         return ordered_methods(named, own=own)
 
-    def method(self, name: str) -> MethodRun:
+    def method(self, name: str, fixed_budget: bool = False) -> MethodRun:
+        """How to run `name`. `fixed_budget`: the checkpoint's own selector at the budget each call gives (for
+        `EvalConfig.budgets`) rather than its own; QTSPLUS_NO_TIME is always at the given budget."""
         model = self.engine.model
         if name == TEACHER:
             return MethodRun(self.teacher(), lambda budget: _nothing())
         if name == NO_SELECTION:
             return MethodRun(self.engine, lambda budget: _attr(model, selection=False))
+        if name == QTSPLUS_NO_TIME:
+            if not model.uses_qtsplus:
+                raise ValueError(f"{QTSPLUS_NO_TIME} needs a QTSplus checkpoint; {self.cfg.checkpoint} holds "
+                                 f"{self.own_method}")
+            return self.borrowed(_qtsplus_at_budget(_without_time(model.selector)))
+        if name == self.own_method and fixed_budget:  # the trained selector at the budget it is given
+            return self.borrowed(_qtsplus_at_budget(model.selector) if model.uses_qtsplus else model.selector)
         if name == self.own_method:  # the trained selector, at its own (adaptive, or trained) budget
             return MethodRun(self.engine, lambda budget: _attr(model, selection=True))
         if name == QTSPLUS:
@@ -124,10 +134,15 @@ class Harness:
         selector.to(model.device, model.dtype).eval()
         if any(True for _ in selector.parameters()):
             self.fresh_weights.add(name)
+        return self.borrowed(selector)
+
+    def borrowed(self, selector) -> MethodRun:
+        """Run `selector` (a `qtsplus.selectors.Selector`) in place of the checkpoint's own, through `use_method`."""
+        model = self.engine.model
         fallback = self.cfg.budget
 
         @contextmanager
-        def configure(budget: int | None):
+        def configure(budget: int | float | None):
             model.use_method(selector, budget if budget is not None else fallback)
             try:
                 yield
@@ -187,7 +202,8 @@ class Harness:
                                        + (input_ids == engine.image_token_id)).int()}
         return {k: v.to(engine.device) for k, v in batch.items()}
 
-    def answer_mcq(self, run: MethodRun, q: VSCQ2Question, budget: int | None) -> tuple[EvalPrediction, dict]:
+    def answer_mcq(self, run: MethodRun, q: VSCQ2Question, budget: int | float | None
+                   ) -> tuple[EvalPrediction, dict]:
         engine = run.engine
         user = mcq_user_prompt(q.question, q.options.model_dump())
         batch = self.cached_batch(engine, user, q.video)
@@ -198,19 +214,23 @@ class Harness:
             _reset(engine)
             _peak_sync(engine.device)
             t0 = time.perf_counter()
-            logits = engine.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            output = engine.model(**batch, logits_to_keep=1)
+            logits = output.logits[:, -1, :].float()
             _peak_sync(engine.device)
             latency = time.perf_counter() - t0
             stats = self.token_stats(engine, batch)
+        recall = target_recall(q.target_tokens, getattr(output, "selection", None))
         probs = dict(zip(OPTION_KEYS, logits[0, option_ids].softmax(-1).tolist(), strict=True))
         choice = max(probs, key=probs.__getitem__)
         return EvalPrediction(
             method="", task="mcq", question_id=q.question_id, video_id=q.video_id, question_type=q.question_type,
             difficulty=q.difficulty, reference=q.answer, prediction=choice, correct=choice == q.answer,
-            option_probs=OptionProbs(**probs), rouge_l=None, budget=budget, latency_s=latency, **stats,
+            option_probs=OptionProbs(**probs), rouge_l=None, budget=_tokens(budget), latency_s=latency,
+            target_recall=recall, **stats,
         ), stats
 
-    def answer_vqa(self, run: MethodRun, a: VQAAnswer, budget: int | None) -> tuple[EvalPrediction, dict]:
+    def answer_vqa(self, run: MethodRun, a: VQAAnswer, budget: int | float | None
+                   ) -> tuple[EvalPrediction, dict]:
         engine = run.engine
         prompt = Prompt(user=vqa_user_prompt(a.question), video=self.clip(a.video))
         batch = engine.collate([engine.encode(prompt)])
@@ -227,8 +247,44 @@ class Harness:
         return EvalPrediction(
             method="", task="vqa", question_id=a.question_id, video_id=a.video_id, question_type=a.question_type,
             difficulty=a.difficulty, reference=a.prediction, prediction=text, correct=None, option_probs=None,
-            rouge_l=rouge_l(text, a.prediction), budget=budget, latency_s=latency, **stats,
+            rouge_l=rouge_l(text, a.prediction), budget=_tokens(budget), latency_s=latency, **stats,
         ), stats
+
+
+def target_recall(target_tokens: list[int] | None, selection) -> float | None:
+    """Share of the target's visual-token indices among the slots that reached the LM (`selection.indices` where
+    `token_mask`; a synthesized token counts at its anchor slot). No selection ran (teacher, no_selection): 1.0."""
+    if not target_tokens:
+        return None
+    if selection is None:
+        return 1.0
+    kept = set(selection.indices[0][selection.token_mask[0]].tolist())  # batch 1
+    return sum(t in kept for t in target_tokens) / len(target_tokens)
+
+
+def _qtsplus_at_budget(selector):
+    """A trained `QTSplusSelector` behind the selector contract, keeping exactly the budget it is given."""
+    from qtsplus.selectors import QTSplusAdapter
+
+    return QTSplusAdapter.wrap(selector, own_budget=False).eval()
+
+
+def _without_time(selector):
+    """A copy of a QTSplus selector whose re-encoder gets no time information (the time embedding zeroed)."""
+    ablated = copy.deepcopy(selector)
+    with torch.no_grad():
+        ablated.reencoder.time.proj.weight.zero_()
+    return ablated
+
+
+def _tokens(budget: int | float | None) -> int | None:
+    """A token-count budget as recorded before resolution (a ratio is resolved against M by the caller)."""
+    return budget if isinstance(budget, int) else None
+
+
+def budget_label(budget: float | int) -> str:
+    """'10%' for a ratio of 0.1, '64' for a token count: the suffix of 'method@budget' names."""
+    return f"{100 * budget:g}%" if isinstance(budget, float) else str(budget)
 
 
 def _reset(engine: TransformersEngine) -> None:
@@ -256,11 +312,13 @@ def _attr(obj: object, **values: object) -> Iterator[None]:
 def ordered_methods(methods: list[str], own: str = QTSPLUS) -> list[str]:
     """The checkpoint's own selector (QTSplus, or the method it was trained with) first: the comparators' budgets are
     the token counts it kept."""
-    unknown = [m for m in methods if m not in (TEACHER, NO_SELECTION, QTSPLUS) and not _is_selector(m)]
+    unknown = [m for m in methods if m not in (TEACHER, NO_SELECTION, QTSPLUS, QTSPLUS_NO_TIME)
+               and not _is_selector(m)]
     if unknown:
         from qtsplus.selectors import SELECTORS
 
-        raise ValueError(f"unknown methods {unknown}; known: {TEACHER}, {NO_SELECTION}, {QTSPLUS}, {sorted(SELECTORS)}")
+        raise ValueError(f"unknown methods {unknown}; known: {TEACHER}, {NO_SELECTION}, {QTSPLUS}, {QTSPLUS_NO_TIME}, "
+                         f"{sorted(SELECTORS)}")
     return sorted(dict.fromkeys(methods), key=lambda m: (m != own, methods.index(m)))
 
 
@@ -271,8 +329,10 @@ def _is_selector(name: str) -> bool:
 
 
 def run_predictions(harness: Harness, progress: Callable[[str, int, int], None] | None = None) -> list[EvalPrediction]:
-    """Every method on every held-out MCQ and VQA sample."""
+    """Every method on every held-out MCQ and VQA sample (with `EvalConfig.budgets`: at every budget)."""
     cfg = harness.cfg
+    if cfg.budgets:
+        return run_at_budgets(harness, progress)
     mcq, vqa = harness.mcq_questions(), harness.vqa_answers()
     budgets: dict[tuple[str, str], int] = {}
     out: list[EvalPrediction] = []
@@ -293,6 +353,32 @@ def run_predictions(harness: Harness, progress: Callable[[str, int, int], None] 
                 out.append(pred.model_copy(update={"method": method, "budget": budget}))
                 if progress:
                     progress(f"{method} {task}", i + 1, len(items))
+    return out
+
+
+def run_at_budgets(harness: Harness, progress: Callable[[str, int, int], None] | None = None) -> list[EvalPrediction]:
+    """`teacher` / `no_selection` once; the checkpoint's own selector once at its own budget; then every selecting
+    method (the checkpoint's own selector included) once per budget of `cfg.budgets`, named 'method@budget'."""
+    cfg = harness.cfg
+    mcq, vqa = harness.mcq_questions(), harness.vqa_answers()
+    out: list[EvalPrediction] = []
+    runs: list[tuple[str, MethodRun, float | int | None]] = []
+    for method in harness.methods():
+        if method in (TEACHER, NO_SELECTION, harness.own_method):
+            runs.append((method, harness.method(method), None))
+        if method not in (TEACHER, NO_SELECTION):
+            run = harness.method(method, fixed_budget=True)
+            runs += [(f"{method}@{budget_label(b)}", run, b) for b in cfg.budgets]
+    for label, run, fixed in runs:
+        for task, items, answer in (("mcq", mcq, harness.answer_mcq), ("vqa", vqa, harness.answer_vqa)):
+            if items:  # untimed warm-up
+                answer(run, items[0], fixed)
+            for i, item in enumerate(items):
+                pred, stats = answer(run, item, fixed)
+                budget = None if fixed is None else _resolve(fixed, int(stats["video_tokens_in"]))
+                out.append(pred.model_copy(update={"method": label, "budget": budget}))
+                if progress:
+                    progress(f"{label} {task}", i + 1, len(items))
     return out
 
 

@@ -5,6 +5,7 @@
 - VQA: ROUGE-L F1 of the answer against the teacher's, on lower-cased whitespace tokens (LCS-based, Lin 2004).
 - Tokens: visual tokens in (M), allowed (budget) and kept, LM sequence length; TokDense = accuracy / mean kept.
 - Latency per sample (mean, p50, p90) and QTSplus's rho and n distributions.
+- Needle recall, where questions carry `target_tokens`: the mean share of the target's tokens that reached the LM.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ def summarize(predictions: Iterable[EvalPrediction]) -> dict[str, dict]:
                 latency_p50_s=_quantile([r.latency_s for r in mcq], 0.5),
                 latency_p90_s=_quantile([r.latency_s for r in mcq], 0.9),
             )
+            recalls = [r.target_recall for r in mcq if r.target_recall is not None]
+            if recalls:  # questions whose target tokens are known (the needle task)
+                m["target_recall"] = statistics.fmean(recalls)
             rhos = [r.rho for r in mcq if r.rho is not None]
             if rhos:
                 m["rho"] = {"mean": statistics.fmean(rhos), "min": min(rhos), "max": max(rhos)}

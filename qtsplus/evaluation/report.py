@@ -29,6 +29,71 @@ def plot_accuracy_vs_tokens(metrics: dict[str, dict], dest: Path) -> Path:
     return dest
 
 
+def split_budget(name: str) -> tuple[str, str | None]:
+    """'uniform_frames@10%' -> ('uniform_frames', '10%'); a name without a budget -> (name, None)."""
+    method, sep, budget = name.rpartition("@")
+    return (method, budget) if sep else (name, None)
+
+
+def budget_value(label: str) -> float:
+    """'10%' -> 0.1 (a ratio of M); '64' -> 64.0 (tokens)."""
+    return float(label[:-1]) / 100 if label.endswith("%") else float(label)
+
+
+def budget_table(metrics: dict[str, dict]) -> list[dict]:
+    """One row per method run at fixed budgets (EvalConfig.budgets): accuracy and needle recall per budget."""
+    runs: dict[str, dict[str, dict]] = {}
+    for name, m in metrics.items():
+        method, budget = split_budget(name)
+        if budget is not None and "accuracy" in m:
+            runs.setdefault(method, {})[budget] = m
+    budgets = sorted({b for per in runs.values() for b in per}, key=budget_value)
+    rows = []
+    for method, per in runs.items():
+        row: dict = {"method": method}
+        for b in budgets:
+            m = per.get(b, {})
+            row[f"acc@{b}"] = m.get("accuracy", float("nan"))
+            if any("target_recall" in x for x in per.values()):
+                row[f"recall@{b}"] = m.get("target_recall", float("nan"))
+        rows.append(row)
+    return rows
+
+
+def plot_accuracy_vs_budget(metrics: dict[str, dict], dest: Path) -> Path | None:
+    """MCQ accuracy against the budget, one line per method run at fixed budgets; methods without a budget
+    (teacher, no_selection) as horizontal lines. None when no method ran at fixed budgets."""
+    runs: dict[str, list[tuple[float, float]]] = {}
+    flat = {}
+    for name, m in metrics.items():
+        if "accuracy" not in m:
+            continue
+        method, budget = split_budget(name)
+        if budget is None:
+            flat[name] = m["accuracy"]
+        else:
+            runs.setdefault(method, []).append((budget_value(budget), m["accuracy"]))
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for method, points in runs.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=method)
+    for i, (name, acc) in enumerate(flat.items()):
+        ax.axhline(acc, color="grey", linestyle=("--", ":", "-.")[i % 3], linewidth=1, label=f"{name} (all tokens)"
+                   if name in ("teacher", "no_selection") else f"{name} (own budget)")
+    ratios = all(split_budget(n)[1].endswith("%") for n in metrics if split_budget(n)[1] is not None)
+    ax.set_xscale("log")
+    ax.set_xlabel("budget (share of the visual tokens)" if ratios else "budget (visual tokens)")
+    ax.set_ylabel("MCQ accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+    return dest
+
+
 def plot_latency_sweep(rows: list[dict], dest: Path) -> Path:
     """Fig. 4 of the paper: visual tokens into the LM and time to the full answer against frame count."""
     fig, (ax_tok, ax_lat) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
@@ -78,6 +143,7 @@ def render_report(metrics: dict[str, dict], sweep: list[dict], plots: dict[str, 
                      "visual tokens in": m.get("video_tokens_in", float("nan")),
                      "kept": m.get("video_tokens_kept", float("nan")), "LM tokens": m.get("lm_tokens", float("nan")),
                      "TokDense": m.get("tokdense", float("nan")), "latency s": m.get("latency_mean_s", float("nan")),
+                     "recall": m.get("target_recall", float("nan")),
                      "vqa": m.get("vqa_samples", 0), "ROUGE-L": m.get("rouge_l", float("nan")),
                      "peak MiB": m.get("peak_memory_mib", float("nan"))})
     parts.append("## Methods\n\n" + _table(rows))
@@ -99,6 +165,11 @@ def render_report(metrics: dict[str, dict], sweep: list[dict], plots: dict[str, 
         parts.append(f"\n## QTSplus budget\n\nrho mean {qts['rho']['mean']:.3f} (min {qts['rho']['min']:.3f}, "
                      f"max {qts['rho']['max']:.3f}); kept tokens n mean {qts['n']['mean']:.1f} "
                      f"(min {qts['n']['min']}, max {qts['n']['max']}).\n")
+    if plots.get("budget"):
+        parts.append(f"\n## Accuracy against budget\n\nEvery selecting method at each fixed budget "
+                     f"(recall: the share of the question's target tokens that reached the LM, where known)."
+                     f"\n\n![accuracy vs budget]({plots['budget']})\n\n")
+        parts.append(_table(budget_table(metrics)))
     parts.append(f"\n## Accuracy against tokens\n\n![accuracy vs tokens]({plots['accuracy']})\n")
     if sweep:
         parts.append(f"\n## Tokens and latency against frames (Fig. 4)\n\n![latency sweep]({plots['latency']})\n\n")

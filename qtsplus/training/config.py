@@ -11,7 +11,7 @@ from qtsplus.paths import REPO_ROOT
 from qtsplus.presets import config_from_preset
 from qtsplus.video import SamplingConfig
 
-Variant = Literal["selector", "selector+lm"]
+Variant = Literal["selector", "selector+lm", "base"]  # base: the host itself learns a task, selection off (docs/needle.md)
 TRAINABLE_METHODS = ("flexselect_lite", "vqtoken")  # besides qtsplus: the selectors of qtsplus.selectors with weights
 
 
@@ -49,7 +49,11 @@ class TrainConfig(BaseModel):
                                            "method (e.g. reference_layer, mode, k_max); QTSplus uses `selector`")
     method_budget: float | int = Field(0.25, description="a non-QTSplus method's budget in training and as the "
                                        "checkpoint's default: tokens (int) or a ratio of M (float)")
-    variant: Variant = "selector"
+    variant: Variant = Field("selector", description="selector: the selector trains (QTSplus-3B); selector+lm: "
+                             "and the LM (QTSplus-3B-FT); base: the LM (and the vision tower, `train_vision`) trains "
+                             "with selection off, and final/ is a plain Qwen2.5-VL to host a later run")
+    train_vision: bool = Field(True, description="variant base: the vision tower trains too (False: frozen, so "
+                               "cached features can stand in for it)")
     lora: LoraSettings | None = None
     selector: dict[str, Any] = Field(default_factory=dict, description="SelectorConfig overrides (rho_min, tau_s, ...)")
     video: SamplingConfig = SamplingConfig(fps=1.0, max_frames=40, max_pixels=360 * 420)
@@ -99,6 +103,8 @@ class TrainConfig(BaseModel):
                                  "'selector'")
         elif self.method_options:
             raise ValueError("`method_options` configures a non-QTSplus method; QTSplus takes `selector`")
+        if self.variant == "base" and (self.method != "qtsplus" or self.lora is not None):
+            raise ValueError("variant 'base' trains the host model itself (no selector, no LoRA)")
         if isinstance(self.method_budget, float) and not 0.0 < self.method_budget <= 1.0:
             raise ValueError(f"method_budget {self.method_budget}: a ratio must be in (0, 1]")
         if isinstance(self.method_budget, int) and self.method_budget < 1:
@@ -159,3 +165,22 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "method_options": {"mode": "adaptive", "k_min": 12, "k_max": 32}, "method_budget": 32, **_RUN_3B, "lr": 1e-4,
     },
 }
+# The needle task (docs/needle.md, benchmarks/needle.py): the host learns the task with every visual token (`base`,
+# its untrained vision tower frozen, so cached features feed it), then QTSplus learns on top of it (give the host's
+# final/ as base_model). `-ci`: the CI-sized run of tests/test_needle.py.
+_NEEDLE_HOST = "tiny/qwen2.5-vl-needle"
+_NEEDLE_VIDEO = {"fps": 2.0, "min_frames": 16, "max_frames": 16, "min_pixels": 112 * 112, "max_pixels": 112 * 112,
+                 "frames_folder_fps": 2.0}  # qtsplus.needle.NeedleConfig().sampling(): every frame at full size
+_NEEDLE_RUN = {"micro_batch_size": 16, "warmup_steps": 20, "log_every": 10, "shuffle_buffer": 512,
+               "checkpoint_every": 100, "video": _NEEDLE_VIDEO}
+_NEEDLE_SELECTOR = {"rho_min": 0.05, "rho_max": 0.5, "tau_s": 0.5, "n_max": 128}
+_NEEDLE: dict[str, dict[str, Any]] = {
+    "base": {"base_model": _NEEDLE_HOST, "variant": "base", "train_vision": False, "lr": 2e-3, **_NEEDLE_RUN},
+    "selector": {"variant": "selector", "selector": _NEEDLE_SELECTOR, "lr": 1e-3, "vqa_weight": 0, **_NEEDLE_RUN},
+    "selector-lm": {"variant": "selector+lm", "selector": _NEEDLE_SELECTOR, "lr": 5e-4, "vqa_weight": 0,
+                    **_NEEDLE_RUN},
+}
+_NEEDLE_STEPS = {"needle": {"base": 1200, "selector": 300, "selector-lm": 300},
+                 "needle-ci": {"base": 300, "selector": 100, "selector-lm": 100}}
+TRAIN_PRESETS.update({f"{scale}-{variant}": {**cfg, "max_steps": steps[variant]}
+                      for scale, steps in _NEEDLE_STEPS.items() for variant, cfg in _NEEDLE.items()})

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from qtsplus.atomic import write_text_atomic
-from qtsplus.fingerprint import code_fingerprint, file_sha256
+from qtsplus.fingerprint import code_fingerprint, file_sha256, fingerprint
 from qtsplus.tiny import resolve_model
 from qtsplus.training.config import TrainConfig
 from qtsplus.training.loop import METRICS, newest_checkpoint
@@ -41,7 +41,9 @@ def depends_on(cfg: TrainConfig) -> dict[str, Any]:
     train-selector task and the provenance in the run's report."""
     config = cfg.model_dump(mode="json")
     config["launcher"] = {k: v for k, v in config["launcher"].items() if k not in ("master_port", "max_restarts")}
-    _, revision = resolve_model(cfg.base_model, cfg.base_revision)
+    path, revision = resolve_model(cfg.base_model, cfg.base_revision)
+    if revision is None and Path(path).is_dir():  # a local checkpoint (e.g. a host trained by variant base): its weights
+        revision = fingerprint([(p.name, file_sha256(p)) for p in sorted(Path(path).glob("*.safetensors"))])
     return {"config": config, "base_model": cfg.base_model, "base_revision": revision,
             "code_version": code_fingerprint(run_training)}
 

@@ -100,8 +100,9 @@ def step_metrics(out, model) -> dict[str, float]:
     """Loss terms and the budget statistics of one forward. QTSplus (paper: log r, rho, n): the Eq. 5 terms, rho,
     rho_bar, n. Another method: each auxiliary loss as `<name>_loss`, tokens in and kept, and its numeric
     per-video diagnostics averaged (FlexSelect-Lite: spearman with its teacher; VQToken: num_clusters)."""
-    sel = out.selection
-    m = {"loss": float(out.loss), "lm_loss": float(out.lm_loss) if out.lm_loss is not None else float("nan")}
+    sel = getattr(out, "selection", None)  # absent with selection off (variant base): the base model's output
+    lm_loss = getattr(out, "lm_loss", None) if sel is not None else out.loss
+    m = {"loss": float(out.loss), "lm_loss": float(lm_loss) if lm_loss is not None else float("nan")}
     if sel is None:
         return m
     M = sel.num_tokens.float()
@@ -146,7 +147,9 @@ def train(cfg: TrainConfig) -> None:
     else:  # DeepSpeed's schedule starts "not started", at lr 0: enter its iteration 0 before the first step
         engine.lr_scheduler.step()
     # cached vision features, if a store holds them for this sampling and this exact tower (in its training dtype)
-    features = open_feature_set(cfg.features, Path(cfg.data), cfg.video, engine.module.model.visual)
+    trains_vision = cfg.variant == "base" and cfg.train_vision  # then no cache holds what the tower computes
+    features = None if trains_vision else open_feature_set(cfg.features, Path(cfg.data), cfg.video,
+                                                            engine.module.model.visual)
     metrics = run / METRICS
     if rank == 0:
         _truncate_metrics(metrics, start)

@@ -37,7 +37,13 @@ def build_model(cfg: TrainConfig) -> tuple[QTSplusForConditionalGeneration, obje
         path, selector_config=selector_config, dtype=torch.float32, **method, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model.freeze_base(train_lm=cfg.variant == "selector+lm" and cfg.lora is None)
+    if cfg.variant == "base":  # the host learns the task with every visual token: selection off, selector frozen
+        model.selection = False
+        model.requires_grad_(True)
+        model.selector.requires_grad_(False)
+        model.model.visual.requires_grad_(cfg.train_vision)
+    else:
+        model.freeze_base(train_lm=cfg.variant == "selector+lm" and cfg.lora is None)
     if cfg.lora is not None:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -69,22 +75,44 @@ def teacher_of(base_model: str) -> str:
     record = Path(base_model) / "qtsplus_training.json"
     if record.is_file():
         data = json.loads(record.read_text())
+        if data.get("variant") == "base":  # a host trained by variant `base` is a plain Qwen2.5-VL: its own teacher
+            return base_model
         return data.get("teacher_model", data["base_model"])
     return base_model
 
 
+def save_plain_qwen(model: QTSplusForConditionalGeneration, dest: Path) -> None:
+    """Save the host without its selector, as a plain Qwen2.5-VL checkpoint (what variant `base` exports)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    extra = ("selector_config", "selection_method", "method_config", "method_budget", "model_type", "architectures")
+    config = Qwen2_5_VLConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k not in extra})
+    plain = Qwen2_5_VLForConditionalGeneration(config)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("selector.")})
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(dest)
+
+
 def export_final(model: QTSplusForConditionalGeneration, tokenizer, cfg: TrainConfig, dest: Path) -> Path:
-    """Write a `from_pretrained`-loadable QTSplus checkpoint (weights, config, tokenizer, training record)."""
+    """Write a `from_pretrained`-loadable QTSplus checkpoint (weights, config, tokenizer, training record); variant
+    `base`: a plain Qwen2.5-VL checkpoint (the trained host, usable as `base_model` of a later run)."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora is not None:
         merge_lora(model.model.language_model)
-    model.save_pretrained(tmp)
+    if cfg.variant == "base":
+        save_plain_qwen(model, tmp)
+        source, _ = resolve_model(cfg.base_model, cfg.base_revision)
+        for processor in Path(source).glob("*preprocessor_config.json"):  # vLLM reads them
+            shutil.copy(processor, tmp / processor.name)
+    else:
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "qtsplus_training.json").write_text(json.dumps(
         {"config": cfg.model_dump(mode="json"), "base_model": cfg.base_model, "teacher_model": teacher_of(cfg.base_model),
          "variant": cfg.variant, "method": cfg.method,
-         "rho_bar": float(model.selector.rho_bar) if model.uses_qtsplus else None}, indent=2) + "\n")
+         "rho_bar": float(model.selector.rho_bar) if model.uses_qtsplus and cfg.variant != "base" else None},
+        indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

@@ -1,0 +1,160 @@
+"""The needle-in-a-video-haystack benchmark (docs/needle.md): build the data, train the host on it with every visual
+token, train QTSplus on top (LM frozen: `selector`; jointly: `selector+lm`), evaluate every method at fixed budgets.
+
+    python -m benchmarks.needle                          # full run: >= 500 held-out questions, budgets 5/10/25/50 %
+    python -m benchmarks.needle --seed 1 --out runs/needle-s1   # another data seed (the ranking must not change)
+    python -m benchmarks.needle --preset needle-ci       # the CI-sized run (tests/test_needle.py)
+
+Every step is a Prefect flow with a content-keyed cache (build-needle, cache-features, train-selector x 3, evaluate
+x 2), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus at each budget, QTSplus with
+its time embedding zeroed (the ablation, read on the temporal-order questions), and every other registered selector
+(`qtsplus.selectors.SELECTORS`: uniform_frames, random_tokens, FlexSelect, FlexSelect-Lite, VQToken, EVS, VidCom2,
+and any method registered later) at the same budgets. The last line is one a script can read:
+
+    needle: base=<acc> qtsplus@10=<acc> uniform@10=<acc> random@10=<acc> recall@10=<recall>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+HOST = "tiny/qwen2.5-vl-needle"
+BUDGETS = (0.05, 0.1, 0.25, 0.5)
+NOT_COMPARED = ("none", "qtsplus")  # `none` is the teacher's input; `qtsplus` is the checkpoint's own selector
+
+
+def comparators() -> list[str]:
+    """Every registered selector except the unpruned one and QTSplus itself, so methods added later show up."""
+    from qtsplus.selectors import SELECTORS
+
+    return [name for name in SELECTORS if name not in NOT_COMPARED]
+
+
+def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress: bool) -> dict:
+    """All stages (cached); returns the two evaluations' metrics and the stage timings."""
+    from flows.cache_features import cache_features
+    from flows.evaluate import evaluate
+    from flows.needle import build_needle
+    from flows.train_selector import train_selector
+    from qtsplus.evaluation.config import QTSPLUS, QTSPLUS_NO_TIME, TEACHER, EvalConfig
+    from qtsplus.features.config import FeatureConfig
+    from qtsplus.needle import NeedleConfig
+    from qtsplus.training.config import TrainConfig
+
+    data_cfg = NeedleConfig.preset(preset, out=str(out / "data"), seed=seed)
+    data = str(out / "data")
+    timings: dict[str, float] = {}
+
+    def stage(name, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = time.perf_counter() - start
+        print(f"[{name}] {timings[name]:.0f} s", flush=True)
+        return result
+
+    stage("data", build_needle, data_cfg, progress=progress)
+    # the host's vision tower is never trained: its features, computed once, feed every training and evaluation
+    stage("features", cache_features, FeatureConfig(data=data, model_id=HOST, video=data_cfg.sampling(),
+                                                    storage_dtype="fp32", compute_dtype="fp32"), progress=progress)
+    train = {}
+    for variant in ("base", "selector", "selector-lm"):
+        fields = {"data": data, "out": str(out / variant)}
+        if variant != "base":
+            fields["base_model"] = train["base"].final
+        train[variant] = stage(f"train {variant}", train_selector, TrainConfig.preset(f"{preset}-{variant}", **fields))
+    methods = [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, *comparators()]
+    evals = {}
+    for variant, names in (("selector", methods), ("selector-lm", [QTSPLUS])):
+        cfg = EvalConfig.preset("needle", data=data, checkpoint=train[variant].final, out=str(out / f"eval-{variant}"),
+                                methods=names, budgets=list(budgets))
+        evals[variant] = stage(f"evaluate {variant}", evaluate, cfg)
+    metrics = {v: json.loads((Path(e.out) / "metrics.json").read_text()) for v, e in evals.items()}
+    return {"metrics": metrics, "timings": timings, "reports": {v: f"{e.out}/report.md" for v, e in evals.items()}}
+
+
+def label(b: float) -> str:
+    from qtsplus.evaluation.harness import budget_label
+
+    return budget_label(b)
+
+
+def table(result: dict, budgets: tuple[float, ...]) -> tuple[list[str], dict]:
+    """The printed table (markdown) and the summary numbers."""
+    sel, ft = result["metrics"]["selector"], result["metrics"]["selector-lm"]
+    rows = [("teacher (all tokens)", {None: sel["teacher"]})]
+    rows.append(("qtsplus (selector)", {b: sel.get(f"qtsplus@{label(b)}") for b in budgets}))
+    rows.append(("qtsplus (selector+lm)", {b: ft.get(f"qtsplus@{label(b)}") for b in budgets}))
+    rows.append(("qtsplus, time zeroed", {b: sel.get(f"qtsplus_no_time@{label(b)}") for b in budgets}))
+    rows += [(m, {b: sel.get(f"{m}@{label(b)}") for b in budgets}) for m in comparators()]
+    lines = ["| method | budget | accuracy | needle recall | temporal-order acc | tokens kept | LM tokens | ms / question |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, per in rows:
+        for b, m in per.items():
+            if m is None:
+                continue
+            lines.append(f"| {name} | {'all' if b is None else label(b)} | {m['accuracy']:.3f} | "
+                         f"{m.get('target_recall', float('nan')):.3f} | "
+                         f"{m['accuracy_by_type'].get('temporal_order', float('nan')):.3f} | "
+                         f"{m['video_tokens_kept']:.1f} | {m['lm_tokens']:.1f} | {1000 * m['latency_mean_s']:.1f} |")
+    ten = label(0.1)
+    summary = {"base": sel["teacher"]["accuracy"], "qtsplus@10": sel[f"qtsplus@{ten}"]["accuracy"],
+               "uniform@10": sel[f"uniform_frames@{ten}"]["accuracy"],
+               "random@10": sel[f"random_tokens@{ten}"]["accuracy"],
+               "recall@10": sel[f"qtsplus@{ten}"]["target_recall"]}
+    return lines, summary
+
+
+def ranking(metrics: dict, budget: float) -> list[str]:
+    """Methods at one budget, best accuracy first (what must not change with the data seed)."""
+    suffix = f"@{label(budget)}"
+    scores = {k.removesuffix(suffix): m["accuracy"] for k, m in metrics.items() if k.endswith(suffix)}
+    return sorted(scores, key=lambda k: -scores[k])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/needle"), help="work folder (cached stages live here)")
+    parser.add_argument("--preset", default="needle", help="needle (full) | needle-ci")
+    parser.add_argument("--seed", type=int, default=0, help="data seed")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the training ranks "
+                        "(OMP_NUM_THREADS); on a CPU shared with other jobs 1 is often fastest")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    budgets = tuple(args.budgets)
+    result = run(args.out.resolve(), args.preset, args.seed, budgets, not args.no_progress)
+    wall = time.perf_counter() - start
+    lines, summary = table(result, budgets)
+    sel = result["metrics"]["selector"]
+    print(f"\nneedle benchmark: preset {args.preset}, data seed {args.seed}, {sel['teacher']['mcq_samples']} held-out "
+          f"questions, wall time {wall / 60:.1f} min (stages: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in result["timings"].items()) + ")\n")
+    print("\n".join(lines))
+    print("\nAblation (QTSplus, LM frozen, time embedding zeroed), temporal-order questions:")
+    for b in budgets:
+        on, off = sel.get(f"qtsplus@{label(b)}"), sel.get(f"qtsplus_no_time@{label(b)}")
+        if on and off:
+            t_on = on["accuracy_by_type"].get("temporal_order", float("nan"))
+            t_off = off["accuracy_by_type"].get("temporal_order", float("nan"))
+            print(f"  @{label(b)}: with time {t_on:.3f}, zeroed {t_off:.3f} ({t_off - t_on:+.3f})")
+    print(f"\nranking at {label(0.1)}: " + " > ".join(ranking(sel, 0.1)))
+    print(f"reports: {result['reports']['selector']}, {result['reports']['selector-lm']}")
+    print("needle: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
