@@ -5,8 +5,8 @@ token, train QTSplus on top (LM frozen: `selector`; jointly: `selector+lm`), eva
     python -m benchmarks.needle --seed 1 --out runs/needle-s1   # another data seed (the ranking must not change)
     python -m benchmarks.needle --preset needle-ci       # the CI-sized run (tests/test_needle.py)
 
-Every step is a Prefect flow with a content-keyed cache (build-needle, cache-features, train-selector x 3, evaluate
-x 2), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus at each budget, QTSplus with
+Every step is a Prefect flow with a content-keyed cache (build-needle, needle-host, cache-features, train-selector x 3,
+evaluate x 2), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus at each budget, QTSplus with
 its time embedding zeroed (the ablation, read on the temporal-order questions), and every other registered selector
 (`qtsplus.selectors.SELECTORS`: uniform_frames, random_tokens, FlexSelect, FlexSelect-Lite, VQToken, EVS, VidCom2,
 and any method registered later) at the same budgets. The last line is one a script can read:
@@ -42,11 +42,12 @@ def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress:
     """All stages (cached); returns the two evaluations' metrics and the stage timings."""
     from flows.cache_features import cache_features
     from flows.evaluate import evaluate
-    from flows.needle import build_needle
+    from flows.needle import build_needle, needle_host
     from flows.train_selector import train_selector
     from qtsplus.evaluation.config import QTSPLUS, QTSPLUS_NO_TIME, TEACHER, EvalConfig
     from qtsplus.features.config import FeatureConfig
     from qtsplus.needle import NeedleConfig
+    from qtsplus.needle.vision import VisionTeaching
     from qtsplus.training.config import TrainConfig
 
     data_cfg = NeedleConfig.preset(preset, out=str(out / "data"), seed=seed)
@@ -61,14 +62,15 @@ def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress:
         return result
 
     stage("data", build_needle, data_cfg, progress=progress)
-    # the host's vision tower is never trained: its features, computed once, feed every training and evaluation
-    stage("features", cache_features, FeatureConfig(data=data, model_id=HOST, video=data_cfg.sampling(),
+    # the host's vision tower learns to see the training scenes, then is frozen: its features, computed once, feed
+    # every training and evaluation
+    host = stage("host", needle_host, data_cfg, str(out / "host"), VisionTeaching(host=HOST), progress=progress)
+    stage("features", cache_features, FeatureConfig(data=data, model_id=host, video=data_cfg.sampling(),
                                                     storage_dtype="fp32", compute_dtype="fp32"), progress=progress)
     train = {}
     for variant in ("base", "selector", "selector-lm"):
-        fields = {"data": data, "out": str(out / variant)}
-        if variant != "base":
-            fields["base_model"] = train["base"].final
+        fields = {"data": data, "out": str(out / variant),
+                  "base_model": host if variant == "base" else train["base"].final}
         train[variant] = stage(f"train {variant}", train_selector, TrainConfig.preset(f"{preset}-{variant}", **fields))
     methods = [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, *comparators()]
     evals = {}

@@ -6,7 +6,8 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from qtsplus.needle import NeedleConfig, plan_chunks
-from tasks.needle import NeedleSummary, publish_needle, run_needle_chunks
+from qtsplus.needle.vision import VisionTeaching
+from tasks.needle import NeedleSummary, publish_needle, run_needle_chunks, run_needle_host
 
 
 @flow(name="build-needle", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
@@ -16,3 +17,11 @@ def build_needle(config: NeedleConfig, progress: bool = True) -> NeedleSummary:
     config = config.model_copy(update={"out": str(out)})
     run = run_needle_chunks(out, config, plan_chunks(config), progress)
     return publish_needle(out, config, run)
+
+
+@flow(name="needle-host", log_prints=True)
+def needle_host(data: NeedleConfig, out: str, teaching: VisionTeaching | None = None, progress: bool = True) -> str:
+    """The needle host: the tiny Qwen2.5-VL with its vision tower taught to see the scenes of `data` (cached)."""
+    path, state = run_needle_host(Path(out).resolve(), data, teaching or VisionTeaching(), progress)
+    print(f"needle host: {path} ({state})")
+    return path

@@ -36,7 +36,7 @@ from qtsplus.needle import (
 from qtsplus.needle import finalize as finalize_stages
 from schemas import SCHEMA_VERSION
 from tasks.chunks import run_verified
-from tasks.common import TASK_OPTIONS, cached
+from tasks.common import TASK_OPTIONS, cached, run_cached
 
 
 def needle_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
@@ -91,3 +91,27 @@ def publish_needle(out: Path, cfg: NeedleConfig, run: NeedleRun) -> NeedleSummar
     create_markdown_artifact(key="build-needle-card", markdown=(out / "README.md").read_text(),
                              description="Needle dataset card")
     return summary
+
+
+def host_key(ctx: TaskRunContext, p: dict[str, Any]) -> str:
+    from qtsplus.needle.vision import depends_on as host_depends_on
+
+    return fingerprint("needle-host", host_depends_on(p["data"], p["teaching"]), p["out"])
+
+
+@task(name="needle-host", **TASK_OPTIONS)
+def needle_host(out: str, data: NeedleConfig, teaching: Any, progress: bool = True) -> str:
+    """The host with its vision tower taught (qtsplus.needle.vision.teach_vision)."""
+    from qtsplus.needle.vision import teach_vision
+
+    return str(teach_vision(data, teaching, Path(out), progress))
+
+
+def run_needle_host(out: Path, data: NeedleConfig, teaching: Any, progress: bool = True) -> tuple[str, str]:
+    """(host folder, state): cached on the scenes, the teaching config, the untrained host and the code; recomputed
+    when the folder's weights are gone."""
+    from qtsplus.needle.vision import RECORD
+
+    kwargs = dict(out=str(out), data=data, teaching=teaching, progress=progress)
+    return run_cached(cached(needle_host, out.parent, host_key), kwargs,
+                      lambda r: (Path(r) / "model.safetensors").is_file() and (Path(r) / RECORD).is_file())

@@ -4,6 +4,7 @@ some object), determinism, the dataset layout train-selector and evaluate read, 
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -159,3 +160,25 @@ def test_cli_flow_is_cached_and_rebuilds_a_chunk_whose_video_is_gone(prefect_env
     shutil.rmtree(out / "videos" / "train" / video_id(cfg, "train", 5))  # in chunk 1 (train videos 4..5)
     assert "[2 Cached, 1 Recomputed]" in run_cli(args, prefect_env).stdout
     assert (out / "videos" / "train" / video_id(cfg, "train", 5) / "frame_0015.png").is_file()
+
+
+def test_taught_vision_tower_tells_colour_and_shape_and_nothing_else_changes(dataset, tmp_path: Path) -> None:
+    """qtsplus.needle.vision: the tower learns per-token colour and shape on training scenes, only the tower
+    changes, and the result is a plain Qwen2.5-VL folder (what train-selector's `base_model` and the feature cache
+    load)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from qtsplus.needle.vision import RECORD, VisionTeaching, teach_vision
+    from qtsplus.tiny import tiny_model_path
+
+    cfg, _ = dataset
+    cfg = cfg.model_copy(update={"train_videos": 40})
+    host = teach_vision(cfg, VisionTeaching(steps=60, videos=40), tmp_path / "host", progress=False)
+    record = json.loads((host / RECORD).read_text())
+    assert record["last_batch_accuracy_on_object_tokens"]["colour"] > 0.9
+    assert record["last_batch_accuracy_on_object_tokens"]["shape"] > 0.9
+    before = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_path("qwen2.5-vl-needle"))
+    after = Qwen2_5_VLForConditionalGeneration.from_pretrained(host)
+    b, a = before.state_dict(), after.state_dict()
+    changed = {k for k in b if not torch.equal(b[k], a[k])}
+    assert changed and all(".visual." in f".{k}" for k in changed)

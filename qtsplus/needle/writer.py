@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from qtsplus.fingerprint import canonical, code_fingerprint, fingerprint
 from qtsplus.needle.config import NeedleConfig
 from qtsplus.needle.questions import DIFFICULTY, QUESTION_TYPE, ask, caption
-from qtsplus.needle.scene import render, sample_scene
+from qtsplus.needle.scene import Scene, render, sample_scene
 from qtsplus.shards import ChunkResult, StageManifest, chunk_files_intact, finalize_stage, write_chunk_shards
 from schemas import Caption, OptionProbs, Options, Record, VQAAnswer, VSCQ1Question, VSCQ2Question
 
@@ -77,6 +77,20 @@ def video_rng(cfg: NeedleConfig, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, SPLIT_CODE[split], index])
 
 
+def scene_of(cfg: NeedleConfig, split: str, index: int) -> tuple[Scene, np.random.Generator]:
+    """Video `index` of `split`: its scene, and its generator positioned where the questions draw next."""
+    rng = video_rng(cfg, split, index)
+    objects = cfg.objects
+    if split == "train" and cfg.train_min_objects is not None:
+        objects = int(rng.integers(cfg.train_min_objects, cfg.objects + 1))
+    return sample_scene(cfg, video_id(cfg, split, index), rng, objects), rng
+
+
+def train_scene(cfg: NeedleConfig, index: int) -> Scene:
+    """The scene of training video `index` (what the videos/ folder holds for it)."""
+    return scene_of(cfg, "train", index)[0]
+
+
 def write_frames(folder: Path, frames: np.ndarray) -> str:
     """PNG frames into `folder` (replaced atomically); returns the sha256 of the raw pixels."""
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -102,11 +116,7 @@ def build_chunk(cfg: NeedleConfig, chunk: NeedleChunk, out: Path) -> NeedleChunk
     stats: Counter[str] = Counter()
     for index in range(chunk.first, chunk.first + chunk.count):
         vid = video_id(cfg, split, index)
-        rng = video_rng(cfg, split, index)
-        objects = cfg.objects
-        if split == "train" and cfg.train_min_objects is not None:
-            objects = int(rng.integers(cfg.train_min_objects, cfg.objects + 1))
-        scene = sample_scene(cfg, vid, rng, objects)
+        scene, rng = scene_of(cfg, split, index)
         rel = f"{split}/{vid}"
         digests.append(write_frames(out / VIDEOS / rel, render(cfg, scene)))
         videos.append(rel)
