@@ -124,6 +124,10 @@ def test_killed_training_resumes_from_its_checkpoint_and_ends_the_same(trained, 
     assert steps_of(out) == list(range(1, 13))  # the step counter continued; no step logged twice
     ours, theirs = load_file(out / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # another configuration in the same folder starts over instead of resuming the checkpoints it did not write
+    run_cli([*cmd[3:], "--set", "lr=0.002"], env)
+    starts = [m for m in read_metrics(out) if m.get("event") == "start"]
+    assert [m["resumed_from"] for m in starts] == [0] and steps_of(out) == list(range(1, 13))
 
 
 @pytest.mark.slow

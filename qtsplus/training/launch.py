@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from qtsplus.atomic import write_text_atomic
 from qtsplus.fingerprint import code_fingerprint, file_sha256, fingerprint
 from qtsplus.tiny import resolve_model
 from qtsplus.training.config import TrainConfig
-from qtsplus.training.loop import METRICS, newest_checkpoint
+from qtsplus.training.loop import CHECKPOINTS, METRICS, newest_checkpoint
 
 
 class TrainingFailed(RuntimeError):
@@ -90,10 +91,27 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+RUN_KEY = "run-key.txt"
+
+
+def start_over_if_other_run(run: Path, cfg: TrainConfig) -> None:
+    """Checkpoints in `run` are resumed only by the run that wrote them: same config and base model (code edits
+    aside, so a fix can resume a crashed run). Another run's checkpoints and metrics are removed, with a message,
+    rather than resumed under a different schedule or data."""
+    key = fingerprint({k: v for k, v in depends_on(cfg).items() if k != "code_version"})
+    marker = run / RUN_KEY
+    if newest_checkpoint(run) is not None and (not marker.is_file() or marker.read_text().strip() != key):
+        print(f"{run} holds checkpoints of another training run (config or base model differ): starting over")
+        shutil.rmtree(run / CHECKPOINTS)
+        (run / METRICS).unlink(missing_ok=True)
+    write_text_atomic(marker, key + "\n")
+
+
 def run_training(cfg: TrainConfig, log: Path | None = None) -> TrainResult:
     """Run (or finish) the training described by `cfg` in `cfg.out`; restart after crashes; return its summary."""
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
+    start_over_if_other_run(run, cfg)
     config_path = write_text_atomic(run / "train-config.json", cfg.model_dump_json(indent=2) + "\n")
     log = log or run / "train.log"
     restarts = 0
