@@ -1,13 +1,15 @@
 """The needle-in-a-video-haystack benchmark (docs/needle.md): build the data, train the host on it with every visual
-token, train QTSplus on top (LM frozen: `selector`; jointly: `selector+lm`), evaluate every method at fixed budgets.
+token (small scenes first, then the full ones), train QTSplus on top (LM frozen: `selector`; jointly: `selector+lm`),
+evaluate every method at fixed budgets.
 
     python -m benchmarks.needle                          # full run: >= 500 held-out questions, budgets 5/10/25/50 %
     python -m benchmarks.needle --seed 1 --out runs/needle-s1   # another data seed (the ranking must not change)
-    python -m benchmarks.needle --preset needle-ci       # the CI-sized run (tests/test_needle.py)
+    python -m benchmarks.needle --preset needle-ci --budgets 0.1 --methods uniform_frames random_tokens --no-joint
+                                                         # the CI-sized run (tests/test_needle.py)
 
-Every step is a Prefect flow with a content-keyed cache (build-needle, needle-host, cache-features, train-selector x 3,
-evaluate x 2), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus at each budget, QTSplus with
-its time embedding zeroed (the ablation, read on the temporal-order questions), and every other registered selector
+Every step is a Prefect flow with a content-keyed cache (build-needle x 2, needle-host, cache-features x 2,
+train-selector x 4, evaluate x 2), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus
+at each budget, QTSplus with its time embedding zeroed (the ablation, read on the temporal-order questions), and every other registered selector
 (`qtsplus.selectors.SELECTORS`: uniform_frames, random_tokens, FlexSelect, FlexSelect-Lite, VQToken, EVS, VidCom2,
 and any method registered later) at the same budgets. The last line is one a script can read:
 
@@ -38,8 +40,10 @@ def comparators() -> list[str]:
     return [name for name in SELECTORS if name not in NOT_COMPARED]
 
 
-def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress: bool) -> dict:
-    """All stages (cached); returns the two evaluations' metrics and the stage timings."""
+def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress: bool,
+        compared: list[str] | None = None, joint: bool = True) -> dict:
+    """All stages (cached); returns the evaluations' metrics and the stage timings. `compared`: the comparators
+    (default: every registered one); `joint`: also train and evaluate QTSplus with the LM (selector+lm)."""
     from flows.cache_features import cache_features
     from flows.evaluate import evaluate
     from flows.needle import build_needle, needle_host
@@ -51,7 +55,8 @@ def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress:
     from qtsplus.training.config import TrainConfig
 
     data_cfg = NeedleConfig.preset(preset, out=str(out / "data"), seed=seed)
-    data = str(out / "data")
+    warm_cfg = NeedleConfig.preset(f"{preset}-warmup", out=str(out / "warmup-data"), seed=seed)
+    data = data_cfg.out
     timings: dict[str, float] = {}
 
     def stage(name, fn, *args, **kwargs):
@@ -62,19 +67,25 @@ def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress:
         return result
 
     stage("data", build_needle, data_cfg, progress=progress)
-    # the host's vision tower learns to see the training scenes, then is frozen: its features, computed once, feed
-    # every training and evaluation
+    stage("warm-up data", build_needle, warm_cfg, progress=progress)
+    # the host's vision tower learns to see the training scenes, then is frozen: its features, computed once per
+    # dataset, feed every training and evaluation
     host = stage("host", needle_host, data_cfg, str(out / "host"), VisionTeaching(host=HOST), progress=progress)
-    stage("features", cache_features, FeatureConfig(data=data, model_id=host, video=data_cfg.sampling(),
-                                                    storage_dtype="fp32", compute_dtype="fp32"), progress=progress)
+    for name, cfg in (("features", data_cfg), ("warm-up features", warm_cfg)):
+        stage(name, cache_features, FeatureConfig(data=cfg.out, model_id=host, video=cfg.sampling(),
+                                                  storage_dtype="fp32", compute_dtype="fp32"), progress=progress)
+    # the host learns: small scenes first (warm-up), then the full ones; QTSplus learns on top of the result
     train = {}
-    for variant in ("base", "selector", "selector-lm"):
-        fields = {"data": data, "out": str(out / variant),
-                  "base_model": host if variant == "base" else train["base"].final}
+    plan = [("warmup-base", warm_cfg, host), ("base", data_cfg, "warmup-base"), ("selector", data_cfg, "base")]
+    if joint:
+        plan.append(("selector-lm", data_cfg, "base"))
+    for variant, cfg, start_from in plan:
+        base_model = train[start_from].final if start_from in train else start_from
+        fields = {"data": cfg.out, "out": str(out / variant), "base_model": base_model, "video": cfg.sampling()}
         train[variant] = stage(f"train {variant}", train_selector, TrainConfig.preset(f"{preset}-{variant}", **fields))
-    methods = [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, *comparators()]
+    methods = [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, *(comparators() if compared is None else compared)]
     evals = {}
-    for variant, names in (("selector", methods), ("selector-lm", [QTSPLUS])):
+    for variant, names in (("selector", methods), ("selector-lm", [QTSPLUS]))[: 2 if joint else 1]:
         cfg = EvalConfig.preset("needle", data=data, checkpoint=train[variant].final, out=str(out / f"eval-{variant}"),
                                 methods=names, budgets=list(budgets))
         evals[variant] = stage(f"evaluate {variant}", evaluate, cfg)
@@ -90,12 +101,13 @@ def label(b: float) -> str:
 
 def table(result: dict, budgets: tuple[float, ...]) -> tuple[list[str], dict]:
     """The printed table (markdown) and the summary numbers."""
-    sel, ft = result["metrics"]["selector"], result["metrics"]["selector-lm"]
+    sel, ft = result["metrics"]["selector"], result["metrics"].get("selector-lm", {})
     rows = [("teacher (all tokens)", {None: sel["teacher"]})]
     rows.append(("qtsplus (selector)", {b: sel.get(f"qtsplus@{label(b)}") for b in budgets}))
     rows.append(("qtsplus (selector+lm)", {b: ft.get(f"qtsplus@{label(b)}") for b in budgets}))
     rows.append(("qtsplus, time zeroed", {b: sel.get(f"qtsplus_no_time@{label(b)}") for b in budgets}))
-    rows += [(m, {b: sel.get(f"{m}@{label(b)}") for b in budgets}) for m in comparators()]
+    rows += [(m, {b: sel.get(f"{m}@{label(b)}") for b in budgets}) for m in comparators()
+             if any(f"{m}@{label(b)}" in sel for b in budgets)]
     lines = ["| method | budget | accuracy | needle recall | temporal-order acc | tokens kept | LM tokens | ms / question |",
              "|---|---|---|---|---|---|---|---|"]
     for name, per in rows:
@@ -129,6 +141,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the training ranks "
                         "(OMP_NUM_THREADS); on a CPU shared with other jobs 1 is often fastest")
+    parser.add_argument("--methods", nargs="+", default=None, help="comparators to evaluate (default: every "
+                        "registered selector but QTSplus)")
+    parser.add_argument("--no-joint", action="store_true", help="skip QTSplus trained jointly with the LM")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -138,7 +153,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     budgets = tuple(args.budgets)
-    result = run(args.out.resolve(), args.preset, args.seed, budgets, not args.no_progress)
+    result = run(args.out.resolve(), args.preset, args.seed, budgets, not args.no_progress, args.methods,
+                 not args.no_joint)
     wall = time.perf_counter() - start
     lines, summary = table(result, budgets)
     sel = result["metrics"]["selector"]
@@ -154,7 +170,7 @@ def main() -> None:
             t_off = off["accuracy_by_type"].get("temporal_order", float("nan"))
             print(f"  @{label(b)}: with time {t_on:.3f}, zeroed {t_off:.3f} ({t_off - t_on:+.3f})")
     print(f"\nranking at {label(0.1)}: " + " > ".join(ranking(sel, 0.1)))
-    print(f"reports: {result['reports']['selector']}, {result['reports']['selector-lm']}")
+    print("reports: " + ", ".join(result["reports"].values()))
     print("needle: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
 
 
