@@ -182,3 +182,18 @@ def test_taught_vision_tower_tells_colour_and_shape_and_nothing_else_changes(dat
     b, a = before.state_dict(), after.state_dict()
     changed = {k for k in b if not torch.equal(b[k], a[k])}
     assert changed and all(".visual." in f".{k}" for k in changed)
+
+
+def test_every_colour_and_shape_is_one_token_of_the_tiny_tokenizer() -> None:
+    """As in Qwen's tokenizer. Split into pieces, a colour shares them with the prompt's instruction (" or" of
+    orange, " p" of pink) and a selector scoring with token embeddings points every question at those objects
+    (docs/needle.md, "How the host learns")."""
+    from qtsplus.prompts import mcq_user_prompt
+    from qtsplus.tiny import build_tokenizer
+
+    tok = build_tokenizer("")
+    split = {w: tok.tokenize(f" {w}") for w in (*PALETTE, *SHAPES) if len(tok.tokenize(f" {w}")) != 1}
+    assert not split, split
+    prompt = tok.tokenize(mcq_user_prompt("What shape is the cyan object?", dict(zip(OPTION_KEYS, SHAPES, strict=True))))
+    colours = [t for t in prompt if tok.convert_tokens_to_string([t]).strip() in PALETTE]
+    assert colours == [tok.tokenize(" cyan")[0]]  # the named colour, and nothing else that reads as a colour
