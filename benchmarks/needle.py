@@ -31,6 +31,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 HOST = "tiny/qwen2.5-vl-needle"
 BUDGETS = (0.05, 0.1, 0.25, 0.5)
 NOT_COMPARED = ("none", "qtsplus")  # `none` is the teacher's input; `qtsplus` is the checkpoint's own selector
+# comparators with weights, trained on the host by train-selector before they are compared (preset <preset>-<run>);
+# VQToken's VQ-Attention passes its codebook through untrained, as the public code feeds it, so it is compared as is
+TRAINED_COMPARATORS = {"flexselect_lite": "flexselect-lite"}
 
 
 def comparators() -> list[str]:
@@ -77,20 +80,74 @@ def run(out: Path, preset: str, seed: int, budgets: tuple[float, ...], progress:
     # the host learns: small scenes first (warm-up), then the full ones; QTSplus learns on top of the result
     train = {}
     plan = [("warmup-base", warm_cfg, host), ("base", data_cfg, "warmup-base"), ("selector", data_cfg, "base")]
+    compared = comparators() if compared is None else list(compared)
+    trained = [m for m in compared if m in TRAINED_COMPARATORS]
     if joint:
         plan.append(("selector-lm", data_cfg, "base"))
+    plan += [(TRAINED_COMPARATORS[m], data_cfg, "base") for m in trained]
     for variant, cfg, start_from in plan:
         base_model = train[start_from].final if start_from in train else start_from
         fields = {"data": cfg.out, "out": str(out / variant), "base_model": base_model, "video": cfg.sampling()}
         train[variant] = stage(f"train {variant}", train_selector, TrainConfig.preset(f"{preset}-{variant}", **fields))
-    methods = [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, *(comparators() if compared is None else compared)]
+    # a trained comparator is evaluated from its own checkpoint (the method it holds), the others on QTSplus's host
+    methods = [TEACHER, QTSPLUS, QTSPLUS_NO_TIME, *(m for m in compared if m not in trained)]
+    runs = [("selector", methods)] + [("selector-lm", [QTSPLUS])] * joint
+    runs += [(TRAINED_COMPARATORS[m], [m]) for m in trained]
     evals = {}
-    for variant, names in (("selector", methods), ("selector-lm", [QTSPLUS]))[: 2 if joint else 1]:
+    for variant, names in runs:
         cfg = EvalConfig.preset("needle", data=data, checkpoint=train[variant].final, out=str(out / f"eval-{variant}"),
                                 methods=names, budgets=list(budgets))
         evals[variant] = stage(f"evaluate {variant}", evaluate, cfg)
-    metrics = {v: json.loads((Path(e.out) / "metrics.json").read_text()) for v, e in evals.items()}
+    metrics = merge_trained({v: json.loads((Path(e.out) / "metrics.json").read_text()) for v, e in evals.items()})
     return {"metrics": metrics, "timings": timings, "reports": {v: f"{e.out}/report.md" for v, e in evals.items()}}
+
+
+def merge_trained(metrics: dict[str, dict]) -> dict[str, dict]:
+    """One table: each trained comparator's rows (from its own evaluation) beside the others' in `selector`."""
+    for method, run_name in TRAINED_COMPARATORS.items():
+        rows = metrics.get(run_name, {})
+        metrics["selector"].update({k: v for k, v in rows.items() if k.startswith(f"{method}@")})
+    return metrics
+
+
+def load_metrics(out: Path) -> dict[str, dict]:
+    """The evaluations a finished run left under `out` (eval-<run>/metrics.json), merged as `run` returns them."""
+    found = {p.parent.name.removeprefix("eval-"): json.loads(p.read_text()) for p in out.glob("eval-*/metrics.json")}
+    if "selector" not in found:
+        raise FileNotFoundError(f"{out}: no eval-selector/metrics.json (run `python -m benchmarks.needle --out {out}`)")
+    return merge_trained(found)
+
+
+def compare_seeds(a: Path, b: Path, budgets: tuple[float, ...]) -> dict[str, float]:
+    """Rank every method at each budget in two finished runs (two data seeds) and print where the order differs.
+    A swap is significant when both runs separate the pair by more than two standard errors of the difference of
+    two accuracies (sqrt(p1 q1 / n + p2 q2 / n)); a swap inside that is a tie. Returns the summary at 10%."""
+    from itertools import combinations
+
+    runs = [load_metrics(p)["selector"] for p in (a, b)]
+    summary = {}
+    for budget in budgets:
+        suffix = f"@{label(budget)}"
+        names = sorted(k.removesuffix(suffix) for k in runs[0] if k.endswith(suffix) and k in runs[1])
+        acc = [{n: r[n + suffix]["accuracy"] for n in names} for r in runs]
+        size = [r["teacher"]["mcq_samples"] for r in runs]
+        print(f"\n{label(budget)}: " + " | ".join(f"{p.name}: " + " > ".join(sorted(names, key=lambda n: -x[n]))
+                                                for p, x in zip((a, b), acc, strict=True)))
+        pairs = swaps = significant = 0
+        for x, y in combinations(names, 2):
+            gaps = [run[x] - run[y] for run in acc]
+            se = [((run[x] * (1 - run[x]) + run[y] * (1 - run[y])) / n) ** 0.5 for run, n in zip(acc, size, strict=True)]
+            pairs += 1
+            if gaps[0] * gaps[1] < 0:
+                swaps += 1
+                clear = all(abs(g) > 2 * s for g, s in zip(gaps, se, strict=True))
+                significant += clear
+                print(f"  {x} vs {y}: {gaps[0]:+.3f} / {gaps[1]:+.3f} (2 SE {2 * se[0]:.3f} / {2 * se[1]:.3f})"
+                      f" {'SIGNIFICANT' if clear else 'tie'}")
+        tau = (pairs - 2 * swaps) / pairs if pairs else float("nan")  # Kendall's tau without ties
+        if budget == 0.1 or not summary:
+            summary = {"kendall_tau": tau, "swaps": swaps, "significant_swaps": significant}
+    return summary
 
 
 def label(b: float) -> str:
@@ -106,8 +163,8 @@ def table(result: dict, budgets: tuple[float, ...]) -> tuple[list[str], dict]:
     rows.append(("qtsplus (selector)", {b: sel.get(f"qtsplus@{label(b)}") for b in budgets}))
     rows.append(("qtsplus (selector+lm)", {b: ft.get(f"qtsplus@{label(b)}") for b in budgets}))
     rows.append(("qtsplus, time zeroed", {b: sel.get(f"qtsplus_no_time@{label(b)}") for b in budgets}))
-    rows += [(m, {b: sel.get(f"{m}@{label(b)}") for b in budgets}) for m in comparators()
-             if any(f"{m}@{label(b)}" in sel for b in budgets)]
+    rows += [(f"{m} (trained)" if m in TRAINED_COMPARATORS else m, {b: sel.get(f"{m}@{label(b)}") for b in budgets})
+             for m in comparators() if any(f"{m}@{label(b)}" in sel for b in budgets)]
     lines = ["| method | budget | accuracy | needle recall | temporal-order acc | tokens kept | LM tokens | ms / question |",
              "|---|---|---|---|---|---|---|---|"]
     for name, per in rows:
@@ -124,6 +181,16 @@ def table(result: dict, budgets: tuple[float, ...]) -> tuple[list[str], dict]:
                "random@10": sel[f"random_tokens@{ten}"]["accuracy"],
                "recall@10": sel[f"qtsplus@{ten}"]["target_recall"]}
     return lines, summary
+
+
+def plot_all(result: dict, dest: Path) -> Path | None:
+    """Accuracy against budget, one line per method: every evaluation's (QTSplus trained jointly as `qtsplus+lm`)."""
+    from qtsplus.evaluation.report import plot_accuracy_vs_budget
+
+    metrics = dict(result["metrics"]["selector"])
+    joint = result["metrics"].get("selector-lm", {})
+    metrics.update({k.replace("qtsplus@", "qtsplus+lm@"): v for k, v in joint.items() if k.startswith("qtsplus@")})
+    return plot_accuracy_vs_budget(metrics, dest)
 
 
 def ranking(metrics: dict, budget: float) -> list[str]:
@@ -145,7 +212,14 @@ def main() -> None:
                         "registered selector but QTSplus)")
     parser.add_argument("--no-joint", action="store_true", help="skip QTSplus trained jointly with the LM")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("RUN_A", "RUN_B"), help="compare the rankings of "
+                        "two finished runs (e.g. two data seeds) instead of running; last line: seeds: kendall_tau=... "
+                        "swaps=... significant_swaps=...")
     args = parser.parse_args()
+    if args.compare:
+        s = compare_seeds(*args.compare, tuple(args.budgets))
+        print("\nseeds: " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in s.items()))
+        return
     if args.threads:
         import torch
 
@@ -170,7 +244,8 @@ def main() -> None:
             t_off = off["accuracy_by_type"].get("temporal_order", float("nan"))
             print(f"  @{label(b)}: with time {t_on:.3f}, zeroed {t_off:.3f} ({t_off - t_on:+.3f})")
     print(f"\nranking at {label(0.1)}: " + " > ".join(ranking(sel, 0.1)))
-    print("reports: " + ", ".join(result["reports"].values()))
+    plot = plot_all(result, args.out.resolve() / "accuracy_vs_budget.png")
+    print("reports: " + ", ".join([*result["reports"].values(), str(plot)]))
     print("needle: " + " ".join(f"{k}={v:.3f}" for k, v in summary.items()))
 
 

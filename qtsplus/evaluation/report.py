@@ -84,6 +84,9 @@ def plot_accuracy_vs_budget(metrics: dict[str, dict], dest: Path) -> Path | None
                    if name in ("teacher", "no_selection") else f"{name} (own budget)")
     ratios = all(split_budget(n)[1].endswith("%") for n in metrics if split_budget(n)[1] is not None)
     ax.set_xscale("log")
+    ticks = sorted({x for points in runs.values() for x, _ in points})  # the budgets run, labelled as given
+    ax.set_xticks(ticks, [f"{x:.0%}" if ratios else f"{x:g}" for x in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("budget (share of the visual tokens)" if ratios else "budget (visual tokens)")
     ax.set_ylabel("MCQ accuracy")
     ax.set_ylim(-0.05, 1.05)
