@@ -8,12 +8,18 @@ evaluate every method at fixed budgets.
                                                          # the CI-sized run (tests/test_needle.py)
 
 Every step is a Prefect flow with a content-keyed cache (build-needle x 2, needle-host, cache-features x 2,
-train-selector x 4, evaluate x 2), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus
+train-selector x 5, evaluate x 3), so a rerun only prints. Methods: the unpruned host (`teacher`), the trained QTSplus
 at each budget, QTSplus with its time embedding zeroed (the ablation, read on the temporal-order questions), and every other registered selector
 (`qtsplus.selectors.SELECTORS`: uniform_frames, random_tokens, FlexSelect, FlexSelect-Lite, VQToken, EVS, VidCom2,
-and any method registered later) at the same budgets. The last line is one a script can read:
+and any method registered later) at the same budgets; FlexSelect-Lite, the comparator with weights to learn, is
+trained on the host first (train-selector, preset <preset>-flexselect-lite) and evaluated from its own checkpoint.
+The last line is one a script can read:
 
     needle: base=<acc> qtsplus@10=<acc> uniform@10=<acc> random@10=<acc> recall@10=<recall>
+
+`--compare RUN_A RUN_B` ranks the methods of two finished runs (two data seeds) instead, and lists the pairs whose
+order differs (a tie within two standard errors, or significant); last line
+`seeds: kendall_tau=<t> swaps=<n> significant_swaps=<n>`.
 """
 
 from __future__ import annotations
@@ -131,8 +137,8 @@ def compare_seeds(a: Path, b: Path, budgets: tuple[float, ...]) -> dict[str, flo
         names = sorted(k.removesuffix(suffix) for k in runs[0] if k.endswith(suffix) and k in runs[1])
         acc = [{n: r[n + suffix]["accuracy"] for n in names} for r in runs]
         size = [r["teacher"]["mcq_samples"] for r in runs]
-        print(f"\n{label(budget)}: " + " | ".join(f"{p.name}: " + " > ".join(sorted(names, key=lambda n: -x[n]))
-                                                for p, x in zip((a, b), acc, strict=True)))
+        print(f"\n{label(budget)}: " + " | ".join(f"{p.name}: " + " > ".join(ranking(r, budget))
+                                                for p, r in zip((a, b), runs, strict=True)))
         pairs = swaps = significant = 0
         for x, y in combinations(names, 2):
             gaps = [run[x] - run[y] for run in acc]

@@ -6,6 +6,7 @@ check can fail)."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -53,3 +54,30 @@ def test_a_selector_scoring_at_random_fails_the_check(needle_ci) -> None:
     _, s = needle_ci
     assert not passes(s["random@10"], s["uniform@10"]), s
     assert s["random@10"] < 0.25 + 0.15  # near chance (0.25)
+
+
+def _finished_run(root: Path, accuracy: dict[str, float], n: int = 500) -> Path:
+    """A run folder as benchmarks.needle leaves it: eval-selector/ and the trained comparator's eval-<run>/."""
+    from benchmarks.needle import TRAINED_COMPARATORS
+
+    metrics: dict[str, dict] = {"selector": {"teacher": {"accuracy": 0.9, "mcq_samples": n}}}
+    for method, acc in accuracy.items():
+        run = TRAINED_COMPARATORS.get(method, "selector")
+        metrics.setdefault(run, {})[f"{method}@10%"] = {"accuracy": acc, "mcq_samples": n}
+    for run, rows in metrics.items():
+        (root / f"eval-{run}").mkdir(parents=True)
+        (root / f"eval-{run}" / "metrics.json").write_text(json.dumps(rows))
+    return root
+
+
+def test_seed_comparison_tells_ties_from_swaps(tmp_path: Path) -> None:
+    from benchmarks.needle import compare_seeds
+
+    a = _finished_run(tmp_path / "a", {"qtsplus": 0.90, "flexselect_lite": 0.60, "uniform_frames": 0.31,
+                                       "random_tokens": 0.30})
+    same = _finished_run(tmp_path / "b", {"qtsplus": 0.85, "flexselect_lite": 0.62, "uniform_frames": 0.29,
+                                          "random_tokens": 0.30})  # uniform/random swap by 1-2 points: a tie
+    assert compare_seeds(a, same, (0.1,)) == {"kendall_tau": 4 / 6, "swaps": 1, "significant_swaps": 0}
+    flipped = _finished_run(tmp_path / "c", {"qtsplus": 0.40, "flexselect_lite": 0.80, "uniform_frames": 0.31,
+                                             "random_tokens": 0.30})  # QTSplus below the trained Lite by 40 points
+    assert compare_seeds(a, flipped, (0.1,))["significant_swaps"] == 1
