@@ -238,6 +238,34 @@ def test_corrupt_and_missing_shards_are_never_used_and_are_recomputed(store, mod
     assert repaired.rejected == 0
 
 
+def test_a_feature_set_keeps_shards_open_and_returns_copies_of_what_it_verified(store) -> None:
+    """Open shards and remembered features are bounded (open_files, memo_bytes); every lookup, first or repeated,
+    returns the stored features, and a caller writing into what it got does not change the next lookup."""
+    from qtsplus.features.store import FeatureSet
+
+    _, out, _, _, _ = store
+    found = FeatureStore(out).find(SMOKE_SAMPLING, model_id="tiny/qwen2.5-vl")
+    plain = FeatureSet(found.folder, found.manifest, open_files=0, memo_bytes=0)  # opens, reads, checks every time
+    shas = list(found.manifest.videos)
+    truth = {sha: plain.get_by_sha(sha).features for sha in shas}
+    shards = {found.manifest.videos[sha].shard for sha in shas}
+    assert len(shards) > 1 and not plain._files and not plain._memo
+    one = max(t.numel() * t.element_size() for t in truth.values())
+    kept = FeatureSet(found.folder, found.manifest, open_files=1, memo_bytes=2 * one)
+    for _ in range(2):
+        for sha in shas:
+            got = kept.get_by_sha(sha)
+            assert torch.equal(got.features, truth[sha])
+            got.features.zero_()  # the caller's copy
+            assert len(kept._files) == 1 and kept._memo_size <= 2 * one
+    assert kept.hits == 2 * len(shas) and kept.rejected == kept.misses == 0
+    assert 1 <= len(kept._memo) <= 2
+    name = found.manifest.videos[shas[0]].shard
+    assert kept._shard(name) is kept._shard(name)  # reused, not reopened
+    kept.close()
+    assert not kept._files and not kept._memo
+
+
 def test_content_hash_follows_the_bytes_of_files_and_frame_folders(tmp_path) -> None:
     frames = tmp_path / "frames"
     shutil.copytree(EXAMPLES / "videos" / "carphone_frames", frames)
