@@ -245,8 +245,7 @@ class FeatureSet:
         if sha in self._memo:
             self._memo.move_to_end(sha)
             self.hits += 1
-            found = self._memo[sha]
-            return replace(found, features=found.features.clone())  # callers may write into what they get
+            return self._copy(self._memo[sha])
         try:
             row = read_feature_row(self.folder / entry.shard, entry.row, self._shard(entry.shard))
             ok = (row["video_sha256"] == sha and row["dtype"] == self.spec.storage_dtype
@@ -269,7 +268,12 @@ class FeatureSet:
             video_sha256=sha,
         )
         self._remember(sha, found)
-        return replace(found, features=found.features.clone()) if sha in self._memo else found
+        return self._copy(found) if sha in self._memo else found
+
+    @staticmethod
+    def _copy(found: VideoFeatures) -> VideoFeatures:
+        """What a lookup of a remembered video returns: callers may write into what they get."""
+        return replace(found, features=found.features.clone())
 
     def _shard(self, name: str):
         """The open pyarrow ParquetFile of a shard (None when open_files is 0: read_feature_row opens it)."""
@@ -286,14 +290,13 @@ class FeatureSet:
         return handle
 
     def _remember(self, sha: str, found: VideoFeatures) -> None:
-        size = found.features.numel() * found.features.element_size()
+        size = found.features.nbytes
         if size > self.memo_bytes:
             return
         self._memo[sha] = found
         self._memo_size += size
         while self._memo_size > self.memo_bytes:
-            _, dropped = self._memo.popitem(last=False)
-            self._memo_size -= dropped.features.numel() * dropped.features.element_size()
+            self._memo_size -= self._memo.popitem(last=False)[1].features.nbytes
 
     def close(self) -> None:
         """Close the open shards and forget the remembered features."""

@@ -174,8 +174,8 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
 # seed 1 reaches 0.01-0.03 by step 1,800 and both seeds' hosts answer 0.88 (seed 0's 1.000 at 1e-3).
 # The full-scene host run takes 1,000 steps: after 400 its loss was still 0.1-0.2 and the hosts answered 0.878 / 0.880
 # held-out (seeds 0 / 1), after 1,000 1.000 / 0.936. QTSplus takes 600 steps: after 300 it was 5.6 / 8.4 points below
-# that host at 10% of the tokens (LM frozen), after 600 4.0 / 5.0. What is left is a colour or two per seed whose
-# objects it seldom keeps (seed 1's blue: recall 0.39); a softer training gate (tau_s 1.5) finds those but loses
+# that host at 10% of the tokens (LM frozen), after 600 4.0 / 5.0. What is left is a few colours per seed whose
+# objects it keeps less often (seed 1's blue: recall 0.39); a softer training gate (tau_s 1.5) finds those but loses
 # others (seed 0 at 600 steps: 0.900), so tau_s stays 0.5 (docs/needle.md). The CI warm-up keeps 1,600 steps:
 # at 1,100 the CI host answered 0.656 and QTSplus cleared uniform frames by 21 points (900 warm-up and 400 base
 # steps: 0.569, 21 points), too close to the test's 20; at 1,600, 0.694 and 33 points.
