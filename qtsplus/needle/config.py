@@ -131,9 +131,10 @@ class NeedleConfig(BaseModel):
 # has learned these first answers the full scenes' shape questions within 100 steps.
 _WARMUP = {"grid_rows": 2, "grid_cols": 2, "frames": 8, "objects": 4, "train_min_objects": 1, "kinds": {"shape": 1.0},
            "train_videos": 1000, "eval_videos": 15, "chunk_size": 250}
-# The benchmark asks shape questions only: the tiny host does not learn where or when (its depth-0 tower sees a cell,
-# not its place, and its LM's rotary positions never reach a token's value), docs/needle.md. The other kinds stay
-# configurable for a host that can.
+# The benchmark asks shape questions only: the tiny host does not learn where, and learns when too slowly to build on
+# (its depth-0 tower sees a cell, not its place; its LM's rotary positions reach a token's value only through
+# attention: 0.50-0.53 on time questions after 2,000-3,000 steps on the small scenes), docs/needle.md. The other
+# kinds stay configurable for a host that can.
 NEEDLE_PRESETS: dict[str, dict[str, Any]] = {
     # the benchmark: >= 500 held-out questions; training scenes hold 1 to 10 objects, held-out ones always 10
     "needle": {"train_min_objects": 1, "kinds": {"shape": 1.0}},
