@@ -18,6 +18,7 @@ from qtsplus.selectors.qtsplus import (
     budget_prior,
     budget_size,
     find_threshold,
+    keep_log_prob,
     memory_cost,
     training_gate,
 )
@@ -197,6 +198,31 @@ def test_gradients_reach_scorer_budget_head_and_reencoder():
     out.rho.register_hook(rho_grads.append)
     (out.tokens * target)[out.token_mask].sum().backward()
     assert rho_grads[0].abs().sum() > 0
+
+
+def test_keep_log_prob_is_the_draws_log_likelihood():
+    p = torch.tensor([[0.9, 0.2, 0.5], [0.3, 0.6, 0.0]])
+    # row 0 kept {0, 2}; row 1 kept {0} with a padding slot that repeats index 0; row 1 has M = 2
+    lp = keep_log_prob(p, torch.tensor([[0, 2], [0, 0]]), torch.tensor([[True, True], [True, False]]), torch.tensor([3, 2]))
+    expected = [math.log(0.9) + math.log(0.8) + math.log(0.5), math.log(0.3) + math.log(0.4)]
+    torch.testing.assert_close(lp, torch.tensor(expected))
+
+
+def test_score_function_term_reaches_the_tokens_the_gate_dropped():
+    """The straight-through gate passes the task loss to kept tokens only; log P(keep pattern) reaches every token."""
+    sel = make_selector(n_max=10_000).train()
+    (x, q, t, xm, qm), _ = ragged_batch([60, 40], [4, 2])
+    out = sel(x, q, t, xm, qm, generator=torch.Generator().manual_seed(0))
+    out.keep_prob.retain_grad()
+    (out.tokens * torch.randn_like(out.tokens))[out.token_mask].sum().backward(retain_graph=True)
+    kept = torch.zeros(xm.shape).scatter_add_(1, out.indices, out.token_mask.float()).bool() & xm  # padding: index 0
+    dropped = xm & ~kept
+    assert dropped.any() and out.keep_prob.grad[kept].abs().sum() > 0
+    assert (out.keep_prob.grad[dropped] == 0).all()
+    out.keep_prob.grad = None
+    out.keep_log_prob().sum().backward()
+    assert (out.keep_prob.grad[dropped] != 0).all()  # -1 / (1 - p_i)
+    assert (out.keep_prob.grad[~xm] == 0).all()
 
 
 # -------------------------------------------------------------------------------------- scorer: folded norm, streamed

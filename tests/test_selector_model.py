@@ -190,6 +190,23 @@ def test_training_gradients_reach_the_selector_and_no_frozen_part(base, train_lm
     assert all(lm_grads) if train_lm else not any(lm_grads)
 
 
+def test_score_function_term_joins_the_loss_when_lambda_pg_is_set(base):
+    from qtsplus.host.model import gate_score_function
+
+    model = wrap(base, n_max=10**6, lambda_pg=0.5)
+    model.freeze_base(train_lm=False)
+    model.train()
+    inputs, _ = batch_of_two(question_b=[10, 11, 12, 13])
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -2:] = inputs["input_ids"][:, -2:]  # the last two tokens of each prompt are its "answer"
+    out = model(**inputs, labels=labels, generator=torch.Generator().manual_seed(0))
+    term = gate_score_function(out.logits, out.labels, out.selection, torch.arange(2))
+    assert term.abs() > 0  # two samples with different LM losses: a non-zero advantage
+    torch.testing.assert_close(out.loss, out.lm_loss + out.budget_loss + 0.5 * term)
+    out.loss.backward()
+    assert model.selector.scorer.parameters().__next__().grad is not None
+
+
 @torch.no_grad()
 def test_save_pretrained_round_trip(base, tmp_path):
     model = wrap(base, scoring_depth=2, reencoder_depth=2, n_max=77, tau_s=0.3)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
@@ -269,7 +270,7 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             return QTSplusOutput(loss=sel.loss, selection=sel)  # e.g. FlexSelect-Lite: its rank loss is all it learns
         spliced = splice(inputs_embeds, position_ids, attention_mask, labels, is_video, owner, slots, sel)
         self.model.rope_deltas = spliced.rope_deltas
-        return self.run_language_model(spliced, sel, past_key_values, use_cache, logits_to_keep, **kwargs)
+        return self.run_language_model(spliced, sel, past_key_values, use_cache, logits_to_keep, owner=owner, **kwargs)
 
     def embed_images(self, input_ids: Tensor, embeds: Tensor, pixel_values: Tensor | None,
                      image_grid_thw: Tensor | None) -> Tensor:
@@ -303,8 +304,9 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return sel, owner, slots
 
     def run_language_model(self, spliced: Spliced, sel, past_key_values, use_cache: bool | None,
-                           logits_to_keep: int | Tensor, **kwargs) -> QTSplusOutput:
-        """The LM on the shortened sequence; LM loss on its labels plus the selector's own loss terms."""
+                           logits_to_keep: int | Tensor, owner: Tensor | None = None, **kwargs) -> QTSplusOutput:
+        """The LM on the shortened sequence; LM loss on its labels plus the selector's own loss terms (and, in
+        training with `lambda_pg` > 0, the gate's score-function term; `owner`: the sample of each video)."""
         outputs = self.model.language_model(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask.long(),
@@ -326,6 +328,9 @@ class QTSplusForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             vocab_size = self.config.text_config.vocab_size
             lm_loss = self.loss_function(logits=logits, labels=spliced.labels, vocab_size=vocab_size, **kwargs)
         losses = [t for t in (lm_loss, sel.loss) if t is not None]
+        if lm_loss is not None and owner is not None and self.training and self.method is None and self.uses_qtsplus:
+            if self.selector_config.lambda_pg > 0 and sel.keep_prob is not None:
+                losses.append(self.selector_config.lambda_pg * gate_score_function(logits, spliced.labels, sel, owner))
         return QTSplusOutput(
             loss=sum(losses) if losses else None,
             logits=logits,
@@ -446,3 +451,22 @@ def register_auto_classes() -> None:
     except ValueError as err:  # transformers raises ValueError when the type is already registered
         if "already used" not in str(err):
             raise
+
+
+def per_sample_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """[B] mean next-token cross-entropy of each sample over its labelled tokens (0 for a sample with none)."""
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    return ce.sum(-1) / (targets != -100).sum(-1).clamp(min=1)
+
+
+def gate_score_function(logits: Tensor, labels: Tensor, sel, owner: Tensor) -> Tensor:
+    """REINFORCE for the training gate's draws: mean over videos of (its sample's LM loss - the batch mean, no
+    gradient) * log P(its keep pattern). Its gradient lowers the probability of patterns whose answer came out worse
+    than the batch's, so a token the gate dropped still gets a signal (the straight-through gradient reaches kept
+    tokens only)."""
+    with torch.no_grad():
+        loss = per_sample_lm_loss(logits, labels)
+        advantage = (loss - loss.mean())[owner]  # [V]
+    return (advantage * sel.keep_log_prob()).mean()
+

@@ -20,6 +20,7 @@ from qtsplus.selectors.qtsplus.selector import (
     SelectorOutput,
     budget_size,
     find_threshold,
+    keep_log_prob,
     training_gate,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "budget_prior",
     "budget_size",
     "find_threshold",
+    "keep_log_prob",
     "memory_cost",
     "training_gate",
     "update_rho_bar",

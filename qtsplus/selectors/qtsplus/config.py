@@ -42,6 +42,10 @@ class SelectorConfig:
     lambda_s: float = 0.05
     rho_bar_init: float | None = None  # None -> (rho_min + rho_max) / 2
     rho_bar_momentum: float = 0.99
+    # score-function (REINFORCE) term of the training gate: lambda_pg * (sample's LM loss - batch mean) * log P(the
+    # video's drawn keep pattern). The straight-through gate gives the scorer a gradient on the tokens it keeps only;
+    # this term also reaches the ones it dropped (docs/needle.md). 0 turns it off.
+    lambda_pg: float = 0.0
 
     # copy the scorer / re-encoder weights from the LM's decoder layers when their shapes match (paper Sec. 4.2)
     init_from_lm: bool = True
@@ -55,6 +59,7 @@ class SelectorConfig:
         assert 0.0 < self.rho_min <= self.rho_max <= 1.0, "need 0 < rho_min <= rho_max <= 1"
         assert self.scoring_depth >= 1 and self.reencoder_depth >= 0 and self.n_max >= 1
         assert self.time_dim % 2 == 0
+        assert self.lambda_pg >= 0.0, "lambda_pg must be >= 0"
 
     @property
     def head_dim(self) -> int:

@@ -47,6 +47,13 @@ class SelectorOutput:
     def num_kept(self) -> Tensor:  # [B]
         return self.token_mask.sum(-1)
 
+    def keep_log_prob(self) -> Tensor:
+        """[B] training only: log P of each video's drawn keep pattern under the gate's Bernoulli(p_i), summed over
+        its real tokens; differentiable in p (so in the scores, the threshold and rho)."""
+        if self.keep_prob is None:
+            raise ValueError("keep_log_prob needs the training gate's keep_prob (a selector in training mode)")
+        return keep_log_prob(self.keep_prob, self.indices, self.token_mask, self.num_tokens)
+
     def diagnostics(self) -> list[dict]:
         """Per video: M, rho, n, how many were kept, the kept indices and r (the paper logs (r, rho, n))."""
         out = []
@@ -462,6 +469,16 @@ def training_gate(
 
     gate = keep.to(p.dtype) + p - p.detach()
     return keep, gate, p, t
+
+
+def keep_log_prob(keep_prob: Tensor, indices: Tensor, token_mask: Tensor, num_tokens: Tensor) -> Tensor:
+    """sum_i [kept_i log p_i + (1 - kept_i) log(1 - p_i)] over each row's first num_tokens tokens: [B, M] p,
+    [B, N] kept indices and mask, [B] M -> [B]. p is clamped away from 0 and 1 (a forced keep may have p ~ 0)."""
+    # scatter_add, not scatter_: padding slots repeat index 0, which may also be a kept token
+    kept = torch.zeros_like(keep_prob, dtype=torch.float32).scatter_add_(1, indices, token_mask.float()) > 0
+    real = torch.arange(keep_prob.shape[1], device=keep_prob.device)[None] < num_tokens[:, None]
+    p = keep_prob.float().clamp(1e-6, 1 - 1e-6)
+    return torch.where(kept, p.log(), (-p).log1p()).masked_fill(~real, 0.0).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
