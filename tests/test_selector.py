@@ -128,7 +128,8 @@ def test_training_gate_follows_relevance():
         s = torch.randn(8, m, generator=g)  # scores in nats; the same law at both M
         mask = torch.ones_like(s, dtype=torch.bool)
         k = torch.full((8,), 0.2 * m)
-        keep, gate, p, t = training_gate(s, mask, k, tau=0.5, n_max=10**9, generator=g)
+        keep, gate, p, t, drawn = training_gate(s, mask, k, tau=0.5, n_max=10**9, generator=g)
+        assert torch.equal(drawn, keep)  # no cap reached, never empty: the kept set is the draw
         torch.testing.assert_close(p.sum(-1), k, rtol=1e-4, atol=1e-2)
         assert abs(keep.float().mean().item() - 0.2) < 0.01
         top = s >= s.quantile(0.9, dim=-1, keepdim=True)
@@ -202,10 +203,26 @@ def test_gradients_reach_scorer_budget_head_and_reencoder():
 
 def test_keep_log_prob_is_the_draws_log_likelihood():
     p = torch.tensor([[0.9, 0.2, 0.5], [0.3, 0.6, 0.0]])
-    # row 0 kept {0, 2}; row 1 kept {0} with a padding slot that repeats index 0; row 1 has M = 2
-    lp = keep_log_prob(p, torch.tensor([[0, 2], [0, 0]]), torch.tensor([[True, True], [True, False]]), torch.tensor([3, 2]))
+    drawn = torch.tensor([[True, False, True], [True, False, False]])  # row 1 has M = 2 (its third slot is padding)
+    lp = keep_log_prob(p, drawn, torch.tensor([3, 2]))
     expected = [math.log(0.9) + math.log(0.8) + math.log(0.5), math.log(0.3) + math.log(0.4)]
     torch.testing.assert_close(lp, torch.tensor(expected))
+
+
+def test_keep_log_prob_scores_the_draw_not_the_capped_set():
+    """n_max drops drawn tokens, an empty draw gets its best token forced in, both after the draw: log P is of the
+    draw (the kept set is a fixed function of it). Generator seeds 3 and 5 give those two cases here."""
+    sel = make_selector(n_max=5, rho_min=0.5, rho_max=0.5).train()  # E[#drawn] = min(rho M, n_max) = 5
+    (x, q, t, xm, qm), _ = ragged_batch([60, 40], [4, 2])
+    capped = sel(x, q, t, xm, qm, generator=torch.Generator().manual_seed(3))
+    empty = sel(x, q, t, xm, qm, generator=torch.Generator().manual_seed(5))
+    assert (capped.drawn.sum(-1) > 5).all() and (capped.num_kept == 5).all()
+    assert empty.drawn[1].sum() == 0 and empty.num_kept[1] == 1
+    for out in (capped, empty):
+        kept = torch.zeros(xm.shape).scatter_add_(1, out.indices, out.token_mask.float()).bool() & xm
+        torch.testing.assert_close(out.keep_log_prob(), keep_log_prob(out.keep_prob, out.drawn, out.num_tokens))
+        assert not torch.allclose(out.keep_log_prob(), keep_log_prob(out.keep_prob, kept, out.num_tokens))
+        assert not (kept & ~out.drawn).any() if out is capped else (kept & ~out.drawn).sum() == 1
 
 
 def test_score_function_term_reaches_the_tokens_the_gate_dropped():

@@ -191,7 +191,7 @@ def test_training_gradients_reach_the_selector_and_no_frozen_part(base, train_lm
 
 
 def test_score_function_term_joins_the_loss_when_lambda_pg_is_set(base):
-    from qtsplus.host.model import gate_score_function
+    from qtsplus.host.model import gate_score_function, per_sample_lm_loss
 
     model = wrap(base, n_max=10**6, lambda_pg=0.5)
     model.freeze_base(train_lm=False)
@@ -203,8 +203,16 @@ def test_score_function_term_joins_the_loss_when_lambda_pg_is_set(base):
     term = gate_score_function(out.logits, out.labels, out.selection, torch.arange(2))
     assert term.abs() > 0  # two samples with different LM losses: a non-zero advantage
     torch.testing.assert_close(out.loss, out.lm_loss + out.budget_loss + 0.5 * term)
+    per_sample, labelled = per_sample_lm_loss(out.logits, out.labels)
+    assert labelled.all()
+    torch.testing.assert_close(per_sample.mean(), out.lm_loss)  # two labels each: the mean of means is the loss
     out.loss.backward()
     assert model.selector.scorer.parameters().__next__().grad is not None
+    # a sample without labels has no advantage, and one labelled sample has no baseline to compare with: term 0
+    one = labels.clone()
+    one[1] = -100
+    out = model(**inputs, labels=one, generator=torch.Generator().manual_seed(0))
+    assert gate_score_function(out.logits, out.labels, out.selection, torch.arange(2)) == 0
 
 
 @torch.no_grad()

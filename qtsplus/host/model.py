@@ -453,20 +453,26 @@ def register_auto_classes() -> None:
             raise
 
 
-def per_sample_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """[B] mean next-token cross-entropy of each sample over its labelled tokens (0 for a sample with none)."""
+def per_sample_lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """[B] mean next-token cross-entropy of each sample over its labelled tokens, and [B] bool: has it any. Only the
+    labelled positions are upcast (a [B, S, vocab] fp32 copy would be large at real vocabularies)."""
     targets = labels[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none")
-    return ce.sum(-1) / (targets != -100).sum(-1).clamp(min=1)
+    valid = targets != -100
+    row, pos = valid.nonzero(as_tuple=True)
+    ce = F.cross_entropy(logits[:, :-1][row, pos].float(), targets[row, pos], reduction="none")
+    total = torch.zeros(labels.shape[0], device=ce.device, dtype=ce.dtype).index_add_(0, row, ce)
+    count = valid.sum(-1)
+    return total / count.clamp(min=1), count > 0
 
 
 def gate_score_function(logits: Tensor, labels: Tensor, sel, owner: Tensor) -> Tensor:
     """REINFORCE for the training gate's draws: mean over videos of (its sample's LM loss - the batch mean, no
-    gradient) * log P(its keep pattern). Its gradient lowers the probability of patterns whose answer came out worse
-    than the batch's, so a token the gate dropped still gets a signal (the straight-through gradient reaches kept
-    tokens only)."""
+    gradient) * log P(its draw). Its gradient lowers the probability of draws whose answer came out worse than the
+    batch's, so a token the gate dropped still gets a signal (the straight-through gradient reaches kept tokens
+    only). Samples without labels get no advantage and stay out of the mean; with one labelled sample the term is 0
+    (no baseline to compare with), so it needs a micro-batch of 2 or more."""
     with torch.no_grad():
-        loss = per_sample_lm_loss(logits, labels)
-        advantage = (loss - loss.mean())[owner]  # [V]
+        loss, labelled = per_sample_lm_loss(logits, labels)
+        baseline = loss[labelled].mean() if bool(labelled.any()) else loss.new_zeros(())
+        advantage = torch.where(labelled, loss - baseline, 0.0)[owner]  # [V]
     return (advantage * sel.keep_log_prob()).mean()
-

@@ -40,6 +40,9 @@ class SelectorOutput:
     num_tokens: Tensor  # [B] long, M per video
     # training only: p = sigmoid((s - t) / tau_s) [B, M], which sums to min(rho M, n_max)
     keep_prob: Tensor | None = None
+    # training only: the gate's Bernoulli(p) draw [B, M] bool, before the at-least-one / at-most-n_max rules that
+    # turn it into the kept set; log P(draw) is what the score-function term differentiates
+    drawn: Tensor | None = None
     threshold: Tensor | None = None  # [B] training only: t of Alg. 2, on the scale of s = log(M r)
     loss: Tensor | None = None  # scalar, training only: the lambda_t, lambda_m, lambda_s terms of Eq. 5
 
@@ -50,9 +53,9 @@ class SelectorOutput:
     def keep_log_prob(self) -> Tensor:
         """[B] training only: log P of each video's drawn keep pattern under the gate's Bernoulli(p_i), summed over
         its real tokens; differentiable in p (so in the scores, the threshold and rho)."""
-        if self.keep_prob is None:
-            raise ValueError("keep_log_prob needs the training gate's keep_prob (a selector in training mode)")
-        return keep_log_prob(self.keep_prob, self.indices, self.token_mask, self.num_tokens)
+        if self.keep_prob is None or self.drawn is None:
+            raise ValueError("keep_log_prob needs the training gate's keep_prob and draw (a selector in training mode)")
+        return keep_log_prob(self.keep_prob, self.drawn, self.num_tokens)
 
     def diagnostics(self) -> list[dict]:
         """Per video: M, rho, n, how many were kept, the kept indices and r (the paper logs (r, rho, n))."""
@@ -127,10 +130,10 @@ class QTSplusSelector(nn.Module):
 
         # gate on the scale-free score s = log(M r)
         s = log_r + num_tokens.float().log()[:, None]  # [B, M]
-        keep_prob = threshold = gate = loss = None
+        keep_prob = drawn = threshold = gate = loss = None
         if self.training:
             expected = (rho * num_tokens).clamp(max=cfg.n_max)  # E[#kept] = rho M, below the cap
-            keep, gate, keep_prob, threshold = training_gate(
+            keep, gate, keep_prob, threshold, drawn = training_gate(
                 s, x_mask, expected, cfg.tau_s, cfg.n_max, generator, cfg.newton_max_iters, cfg.newton_rel_tol
             )
         else:
@@ -156,6 +159,7 @@ class QTSplusSelector(nn.Module):
             budget=budget,
             num_tokens=num_tokens,
             keep_prob=keep_prob,
+            drawn=drawn,
             threshold=threshold,
             loss=loss,
         )
@@ -447,19 +451,20 @@ def training_gate(
     generator: torch.Generator | None = None,
     max_iters: int = 50,
     rel_tol: float = 1e-5,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Differentiable keep/drop (Sec. 3.2.3). s: [B, M] scores, expected: [B] target kept count (rho M, capped).
 
     Each token is kept with probability p_i = sigmoid((s_i - t) / tau), t from Alg. 2, so E[#kept] = expected. The
     hard sample is a Bernoulli(p_i) draw: the same law as the paper's hard Gumbel-softmax over logits
     [(s_i - t) / tau, 0], but written so that tau visibly divides. At least one token is kept (the most relevant),
     at most n_max (the least relevant of the drawn ones go first). Returns keep [B, M] bool, the straight-through
-    gate [B, M] (value keep, gradient dp), p [B, M] and t [B].
+    gate [B, M] (value keep, gradient dp), p [B, M], t [B] and the raw draw [B, M] bool (keep before those two rules).
     """
     t = find_threshold(s, mask, expected, tau, max_iters, rel_tol)
     p = torch.sigmoid((s.masked_fill(~mask, 0.0) - t[:, None]) / tau) * mask
     u = torch.rand(s.shape, generator=generator, device=s.device, dtype=torch.float32)
-    keep = (u < p.detach()) & mask
+    drawn = (u < p.detach()) & mask
+    keep = drawn
 
     empty = ~keep.any(-1)
     keep = keep | (F.one_hot(s.argmax(-1), s.shape[-1]).bool() & empty[:, None])
@@ -468,17 +473,16 @@ def training_gate(
         keep = keep & torch.zeros_like(keep).scatter_(-1, top, True)
 
     gate = keep.to(p.dtype) + p - p.detach()
-    return keep, gate, p, t
+    return keep, gate, p, t, drawn
 
 
-def keep_log_prob(keep_prob: Tensor, indices: Tensor, token_mask: Tensor, num_tokens: Tensor) -> Tensor:
-    """sum_i [kept_i log p_i + (1 - kept_i) log(1 - p_i)] over each row's first num_tokens tokens: [B, M] p,
-    [B, N] kept indices and mask, [B] M -> [B]. p is clamped away from 0 and 1 (a forced keep may have p ~ 0)."""
-    # scatter_add, not scatter_: padding slots repeat index 0, which may also be a kept token
-    kept = torch.zeros_like(keep_prob, dtype=torch.float32).scatter_add_(1, indices, token_mask.float()) > 0
+def keep_log_prob(keep_prob: Tensor, drawn: Tensor, num_tokens: Tensor) -> Tensor:
+    """sum_i [drawn_i log p_i + (1 - drawn_i) log(1 - p_i)] over each row's first num_tokens tokens: [B, M] p and
+    draw, [B] M -> [B]. The draw, not the kept set: the kept set is a fixed function of it (at least one, at most
+    n_max), so log P(draw) is the unbiased score function. p is clamped away from 0 and 1."""
     real = torch.arange(keep_prob.shape[1], device=keep_prob.device)[None] < num_tokens[:, None]
     p = keep_prob.float().clamp(1e-6, 1 - 1e-6)
-    return torch.where(kept, p.log(), (-p).log1p()).masked_fill(~real, 0.0).sum(-1)
+    return torch.where(drawn, p.log(), (-p).log1p()).masked_fill(~real, 0.0).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
